@@ -1,0 +1,199 @@
+"""Loading models (local directory, hub id, ``.gguf`` file), devices and dtypes, and saving.
+
+What rlhfkit writes is always a plain Hugging Face directory (safetensors) plus ``rlhfkit.json``
+(see `save_model_dir`), loadable with no rlhfkit import. Weights are never read through pickle:
+``use_safetensors`` is forced for directories, and ``trust_remote_code`` stays off unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.provenance import RunInfo
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` = CUDA if present, else MPS if present, else CPU. Under torchrun, the local rank's GPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or mps, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bfloat16 on a GPU that supports it, float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype: expected auto, {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _locate(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a model argument into what ``from_pretrained`` takes: (path or hub id, extra kwargs)."""
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise RlhfkitError(f"{spec}: no such GGUF file")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise RlhfkitError(f"{spec}: not a model directory (no config.json)")
+        return str(path), {"use_safetensors": _has_safetensors(path)}
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise RlhfkitError(f"{spec}: no such model directory")
+    return spec, {}  # a hub id
+
+
+def _has_safetensors(path: Path) -> bool:
+    if any(path.glob("*.safetensors")):
+        return True
+    raise RlhfkitError(f"{path}: no .safetensors weights (rlhfkit never loads pickled weights)")
+
+
+def _clear_gguf_marker(model: Any) -> None:
+    """A GGUF-loaded model holds dequantized float weights but keeps a quantizer marker that makes
+    ``save_pretrained`` refuse; drop it so the model saves as an ordinary safetensors checkpoint."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_model(
+    spec: str,
+    kind: str = "causal-lm",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    num_labels: int = 1,
+) -> Any:
+    """Load ``spec`` as a causal LM (``kind="causal-lm"``) or a one-label sequence classifier
+    (``kind="reward"``; a fresh linear score head when ``spec`` is a plain LM). Dropout is left to
+    the caller (`disable_dropout`)."""
+    import transformers
+
+    where, extra = _locate(spec)
+    cls = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModelForSequenceClassification
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **extra}
+    if kind == "reward":
+        kwargs["num_labels"] = num_labels
+    try:
+        with _quiet_transformers():
+            model = cls.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise RlhfkitError(f"{spec}: cannot load as a {kind} model: {_first_line(e)}") from None
+    _clear_gguf_marker(model)
+    if kind == "reward" and model.config.pad_token_id is None:
+        # sequence classifiers find the last token through pad_token_id; we always pass
+        # attention masks, but plain-transformers users of our output need it set
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    return model.to(device)
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model argument, with a pad token set.
+
+    When a tokenizer has no pad token, its EOS is used as pad. That is safe here because rlhfkit
+    never derives a mask from ``token == pad_token_id`` (SmolLM2's ``<|im_end|>`` is EOS, pad and a
+    turn separator inside every chat prompt): every mask is built from lengths and positions.
+    """
+    import transformers
+
+    where, extra = _locate(spec)
+    extra.pop("use_safetensors", None)
+    try:
+        with _quiet_transformers():
+            tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise RlhfkitError(f"{spec}: cannot load its tokenizer: {_first_line(e)}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise RlhfkitError(f"{spec}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RLHF trains with dropout off (reward models and PPO: the log-probs must be deterministic)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def save_model_dir(model: Any, tokenizer: Any, out: str | os.PathLike, info: RunInfo, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``out`` atomically: ``save_pretrained`` output (safetensors) + tokenizer + ``rlhfkit.json``.
+
+    The directory is assembled under a temporary name beside ``out`` and renamed into place, so a
+    crash leaves either the previous directory or the complete new one, never a half-written one.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        unwrapped = getattr(model, "module", model)  # DDP
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info.write(tmp / "rlhfkit.json", metrics or {})
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move directory ``new`` to ``target``, replacing an existing one with two renames."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints load reports and GGUF progress bars to stdout; stdout is for results."""
+    import transformers
+
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(previous)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,113 @@
+"""The model layer: loading, devices and dtypes, saving a plain directory with rlhfkit.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlhfkit import models
+from rlhfkit.chat import encode_completion, encode_prompt, render_prompt
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.provenance import RunInfo, read_run_info
+
+
+def test_device_and_dtype():
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ConfigError):
+        models.resolve_dtype("float8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            models.resolve_device("cuda")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(RlhfkitError, match="no such model directory"):
+        models.load_model(str(tmp_path / "missing"))
+    with pytest.raises(RlhfkitError, match="not a model directory"):
+        models.load_model(str(tmp_path))
+    with pytest.raises(RlhfkitError, match="no such GGUF file"):
+        models.load_model(str(tmp_path / "m.gguf"))
+
+
+def test_refuses_pickled_weights(tmp_path, tiny_llama):
+    tiny_llama.config.save_pretrained(tmp_path)
+    torch.save(tiny_llama.state_dict(), tmp_path / "pytorch_model.bin")  # an old-style pickled checkpoint
+    with pytest.raises(RlhfkitError, match="never loads pickled weights"):
+        models.load_model(str(tmp_path))
+
+
+def test_reward_model_from_causal_lm(tiny_llama_dir):
+    rm = models.load_model(str(tiny_llama_dir), kind="reward")
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
+    ids = torch.tensor([[5, 6, 7]])
+    assert rm(input_ids=ids).logits.shape == (1, 1)
+
+
+def test_saved_directory_loads_with_plain_transformers(tmp_path, tiny_llama_dir):
+    model = models.load_model(str(tiny_llama_dir))
+    tokenizer = models.load_tokenizer(str(tiny_llama_dir))
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"text": "hi"}\n')
+    info = RunInfo("sft", {"lr": 1e-4, "model": str(tiny_llama_dir)}, {"model": str(tiny_llama_dir), "data": str(data)})
+    out = models.save_model_dir(model, tokenizer, tmp_path / "out", info, {"loss/train": 1.5})
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "rlhfkit.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    meta = read_run_info(out)
+    assert meta["stage"] == "sft" and meta["config"]["lr"] == 1e-4
+
+    import hashlib
+
+    assert meta["inputs"]["data"][0]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert len(meta["inputs"]["model"][0]["sha256"]) == 64
+    assert {"torch", "transformers", "python"} <= set(meta["versions"])
+    assert meta["started"] <= meta["finished"] and meta["metrics"] == {"loss/train": 1.5}
+    # plain transformers, in a process that never imports rlhfkit
+    code = (
+        "import sys, torch, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"t = transformers.AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "ids = t('the cat', return_tensors='pt').input_ids\n"
+        "print(float(m(ids).logits.sum()))\n"
+        "assert 'rlhfkit' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    assert float(result.stdout.strip()) == pytest.approx(float(model(ids).logits.sum().detach()), rel=1e-5)
+
+
+def test_save_replaces_an_existing_directory(tmp_path, tiny_llama, tokenizer):
+    info = RunInfo("sft", {}, {})
+    out = tmp_path / "m"
+    models.save_model_dir(tiny_llama, tokenizer, out, info)
+    (out / "stale.txt").write_text("old")
+    models.save_model_dir(tiny_llama, tokenizer, out, info)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_chat_rendering_and_encoding(tokenizer):
+    msgs = [{"role": "user", "content": "hi"}]
+    assert render_prompt(tokenizer, msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_prompt(tokenizer, "plain text") == "plain text"
+    ids = encode_prompt(tokenizer, msgs)
+    # the pad/EOS id occurs inside the prompt: masks must come from lengths, never from pad ids
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.eos_token_id in ids
+    completion = encode_completion(tokenizer, "hello there")
+    assert completion[-1] == tokenizer.eos_token_id
+    assert encode_completion(tokenizer, "hello there", stopped=False) == completion[:-1]
+    assert tokenizer.decode(completion[:-1]) == "hello there"
+
+
+def test_gpt2_without_chat_template_gets_chatml(tiny_gpt2_dir):
+    tokenizer = models.load_tokenizer(str(tiny_gpt2_dir))
+    tokenizer.chat_template = None
+    assert render_prompt(tokenizer, [{"role": "user", "content": "x"}]).endswith("<|im_start|>assistant\n")
