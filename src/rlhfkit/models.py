@@ -197,3 +197,27 @@ def _quiet_transformers():
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def apply_lora(model: Any, *, r: int, alpha: int, dropout: float = 0.0, target_modules: str = "all-linear", kind: str = "causal-lm") -> Any:
+    """Wrap ``model`` with LoRA adapters (peft): only the adapters (and a reward model's score
+    head) train. ``target_modules`` is ``all-linear`` or a comma-separated list of module names."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets: str | list[str] = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    task = TaskType.CAUSAL_LM if kind == "causal-lm" else TaskType.SEQ_CLS
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"--lora-target-modules: {_first_line(e)}") from None
+
+
+def merged(model: Any) -> Any:
+    """The plain model to save: LoRA adapters merged into the weights (a copy; ``model`` keeps its adapters)."""
+    import copy
+
+    model = getattr(model, "module", model)
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return model

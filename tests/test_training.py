@@ -1,0 +1,99 @@
+"""The shared training machinery: schedules, data order, checkpoints that restore everything."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from rlhfkit import training
+from rlhfkit.errors import ConfigError
+
+
+def test_schedules():
+    def lrs(schedule, warmup, total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = training.make_scheduler(opt, schedule, warmup, total)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs("linear", 2, 6) == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert lrs("cosine", 0, 4) == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
+    assert lrs("constant", 1, 3) == pytest.approx([1.0, 1.0, 1.0])
+    with pytest.raises(ConfigError):
+        lrs("exp", 0, 3)
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    a = training.epoch_order(10, seed=3, epoch=1)
+    assert sorted(a) == list(range(10)) and a == training.epoch_order(10, 3, 1) != training.epoch_order(10, 3, 2)
+
+
+def test_shard():
+    assert training.shard(list(range(5)), training.Dist(rank=1, world_size=2)) == [1, 3]
+
+
+def test_optimizer_groups_skip_decay_on_vectors(tiny_llama):
+    opt = training.make_optimizer(tiny_llama, lr=1e-3, weight_decay=0.1)
+    decays = {g["weight_decay"] for g in opt.param_groups}
+    assert decays == {0.1, 0.0}
+    assert all(p.ndim == 1 for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"])
+
+
+def test_checkpoint_roundtrip_restores_weights_optimizer_scheduler_and_rngs(tmp_path, tokenizer):
+    from rlhfkit.testing import make_model
+
+    def step(model, opt, sched):
+        x = torch.randint(0, 100, (2, 5))
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    model = make_model(tokenizer, seed=1)
+    opt = training.make_optimizer(model, lr=1e-2)
+    sched = training.make_scheduler(opt, "linear", 1, 10)
+    training.seed_everything(5)
+    step(model, opt, sched)
+    path = training.save_checkpoint(tmp_path, 1, modules={"policy": model}, optimizers={"policy": opt}, schedulers={"policy": sched}, state={"epoch": 0, "config": {"lr": 0.01}})
+    assert training.latest_checkpoint(tmp_path) == path and json.loads((path / "state.json").read_text())["step"] == 1
+    # continue uninterrupted
+    step(model, opt, sched)
+    expected_draw = (torch.rand(3), random.random())
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    # a fresh process would start from the input model; restore and replay the same step
+    model2 = make_model(tokenizer, seed=99)
+    opt2 = training.make_optimizer(model2, lr=1e-2)
+    sched2 = training.make_scheduler(opt2, "linear", 1, 10)
+    state = training.load_checkpoint(path, modules={"policy": model2}, optimizers={"policy": opt2}, schedulers={"policy": sched2})
+    assert state["step"] == 1 and state["epoch"] == 0
+    step(model2, opt2, sched2)
+    for k, v in model2.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+    draw = (torch.rand(3), random.random())
+    assert torch.equal(draw[0], expected_draw[0]) and draw[1] == expected_draw[1]
+    with pytest.raises(ConfigError, match="option 'lr' was 0.01"):
+        training.check_resume_config(path, {"lr": 0.02})
+
+
+def test_keep_only_newest_checkpoints(tmp_path):
+    m = torch.nn.Linear(2, 2)
+    for s in (1, 2, 3):
+        training.save_checkpoint(tmp_path, s, modules={"m": m}, optimizers={}, schedulers={}, state={}, keep=2)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+
+
+def test_metrics_log_truncates_on_resume(tmp_path):
+    log = training.MetricsLog(tmp_path)
+    for s in range(1, 5):
+        log.log(s, {"loss/train": torch.tensor(float(s))})
+    training.MetricsLog(tmp_path, resume_step=2)
+    assert [r["step"] for r in training.read_metrics(tmp_path)] == [1, 2]
+    assert training.read_metrics(tmp_path)[1]["loss/train"] == 2.0
