@@ -89,8 +89,11 @@ def test_save_replaces_an_existing_directory(tmp_path, tiny_llama, tokenizer):
     out = tmp_path / "m"
     models.save_model_dir(tiny_llama, tokenizer, out, info)
     (out / "stale.txt").write_text("old")
-    models.save_model_dir(tiny_llama, tokenizer, out, info)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a run file: it stays
+    models.save_model_dir(tiny_llama, tokenizer, out, info, extra={"reward": {"gain": 2.0, "bias": 0.5}})
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert read_run_info(out)["reward"] == {"gain": 2.0, "bias": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 

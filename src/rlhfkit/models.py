@@ -146,11 +146,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def save_model_dir(model: Any, tokenizer: Any, out: str | os.PathLike, info: RunInfo, metrics: dict[str, Any] | None = None) -> Path:
+RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "stats.json")
+
+
+def save_model_dir(
+    model: Any,
+    tokenizer: Any,
+    out: str | os.PathLike,
+    info: RunInfo,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: tuple[str, ...] = RUN_FILES,
+) -> Path:
     """Write ``out`` atomically: ``save_pretrained`` output (safetensors) + tokenizer + ``rlhfkit.json``.
 
     The directory is assembled under a temporary name beside ``out`` and renamed into place, so a
     crash leaves either the previous directory or the complete new one, never a half-written one.
+    A training stage's run files already in ``out`` (``keep``: metrics.jsonl, checkpoints/, ...)
+    move into the new directory, so ``out`` is both the run directory and the model directory.
+    ``extra`` adds top-level keys to ``rlhfkit.json`` (e.g. a reward model's normalisation).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +174,10 @@ def save_model_dir(model: Any, tokenizer: Any, out: str | os.PathLike, info: Run
         unwrapped.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        info.write(tmp / "rlhfkit.json", metrics or {})
+        info.write(tmp / "rlhfkit.json", metrics or {}, **(extra or {}))
+        for name in keep:
+            if (out / name).exists() and not (tmp / name).exists():
+                os.replace(out / name, tmp / name)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
