@@ -223,17 +223,17 @@ def _quiet_transformers():
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    tqdm_disable = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantizer's bar is plain tqdm
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable  # the GGUF de-quantizer's plain tqdm bar
     with contextlib.redirect_stdout(sys.stderr):
         try:
             yield
         finally:
             transformers.logging.set_verbosity(previous)
-            if tqdm_disable is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = tqdm_disable
+            if bar is not None:
+                gguf_utils.tqdm = bar
 
 
 def _first_line(e: BaseException) -> str:
