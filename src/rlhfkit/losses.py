@@ -44,6 +44,7 @@ __all__ = [
     "ranking_loss",
     "AdaptiveKLController",
     "FixedKLController",
+    "lm_loss",
 ]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -464,3 +465,29 @@ class FixedKLController:
 
     def __repr__(self) -> str:
         return f"FixedKLController(value={self.value})"
+
+
+# ---------------------------------------------------------------------------------------------
+# language-model loss (sft; PPO-ptx)
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None, ignore_index: int = -100
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross-entropy, summed over the labelled tokens and divided by ``normalizer``.
+
+    loss = Σ_t −log p(labels[t+1] | tokens ≤ t) / normalizer over t with labels[t+1] ≠ ignore_index.
+    ``normalizer`` defaults to the number of labelled tokens in this batch (the token mean). A
+    training loop that accumulates gradients passes the labelled-token count of the whole optimizer
+    step instead, so that the accumulated gradient is the token mean over the step, whatever the
+    split into micro-batches. The cross-entropy runs in float32 whatever the logits' dtype.
+
+    Shapes: `logits` (B, T, V), `labels` (B, T) int64 (the input ids, -100 where untrained; shifted
+    here, as transformers does) → a scalar. ``stats``: ``nll_sum`` and ``tokens`` (detached).
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T): position t predicts t+1
+    nll_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+    tokens = (targets != ignore_index).sum()
+    denominator = tokens.clamp(min=1) if normalizer is None else normalizer
+    return nll_sum / denominator, {"nll_sum": nll_sum.detach(), "tokens": tokens.detach()}

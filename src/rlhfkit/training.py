@@ -212,7 +212,9 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights a checkpoint must hold: all of them, or only the trainable ones (LoRA adapters,
     a partly frozen model) when some parameters are frozen — frozen ones come from the input model."""
-    params = dict(module.named_parameters())
+    # remove_duplicate=False: a tied weight (lm_head.weight = embed_tokens.weight) is listed under
+    # every name that state_dict uses for it, so a frozen tied embedding stays out of the checkpoint
+    params = dict(module.named_parameters(remove_duplicate=False))
     frozen = {n for n, p in params.items() if not p.requires_grad}
     state = module.state_dict()
     if not frozen:

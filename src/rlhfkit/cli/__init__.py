@@ -9,7 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from rlhfkit import __version__
-from rlhfkit.cli import validate
+from rlhfkit.cli import rank_import, validate
+from rlhfkit.cli import train_rm
+from rlhfkit.cli import sft
+from rlhfkit.cli import eval as eval_cmd
+from rlhfkit.cli import ppo
+from rlhfkit.cli import collect
 from rlhfkit.cli.common import GENERAL, config_defaults, fail, set_debug
 from rlhfkit.errors import RlhfkitError
 
@@ -53,6 +58,12 @@ def root(
 
 
 app.command("validate")(validate.command)
+app.command("sft")(sft.command)
+app.command("train-rm")(train_rm.command)
+app.command("collect")(collect.command)
+app.command("rank-import")(rank_import.command)
+app.command("eval")(eval_cmd.command)
+app.command("ppo")(ppo.command)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rlhfkit.errors import ConfigError, RlhfkitError
 
@@ -156,7 +157,7 @@ def fail(error: BaseException) -> None:
     """One red line on stderr, exit code 1 (a traceback only with ``--debug``)."""
     if debug_enabled():
         raise error
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True, markup=True)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(1) from None
 
 

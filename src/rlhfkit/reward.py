@@ -1,0 +1,246 @@
+"""The reward function of ppo and eval: a reward model, any one-label classifier, or a script.
+
+`load_reward(spec, tokenizer, device, dtype)` accepts
+
+* a reward-model directory written by ``rlhfkit train-rm``: an ``AutoModelForSequenceClassification``
+  with one label, whose ``rlhfkit.json`` records the normalisation ``{"reward": {"gain": g, "bias": b}}``
+  (normalised = g·raw + b, mean 0 and std 1 on the reference completions);
+* any other one-label sequence classifier (a directory, a hub id or a ``.gguf`` file): used raw
+  (gain 1, bias 0);
+* ``python:MODULE:FUNCTION`` or ``python:path/to/file.py:FUNCTION``: a scripted reward
+  ``f(prompts, completions) -> list[float]`` (rule-based or verifiable rewards, and fast tests).
+  ``prompts`` are the prompts as the data gave them (a string, or the list of chat messages),
+  ``completions`` the completion texts (without the final EOS, cut before a stop string).
+
+`Reward.score` returns the normalised score of each (prompt, completion), a ``(B,)`` float32
+tensor on the reward's device. A model reward reads its score at the last real token of
+prompt + completion (by position, never by comparing ids with the pad id; see `scoring`). When the
+reward model shares the policy's vocabulary it scores the policy's token ids as sampled, with
+the final EOS of a completion that stopped, exactly as train-rm scored its training pairs
+(`chat.encode_completion`); otherwise the texts are re-encoded with the reward model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.chat import encode_completion, encode_prompt
+from rlhfkit.data.records import Conversation
+from rlhfkit.errors import ConfigError, RlhfkitError
+
+SCRIPT_PREFIX = "python:"
+
+
+class Reward:
+    """A normalised reward. Subclasses implement `raw_scores`; `score` applies gain and bias."""
+
+    name: str = ""
+    gain: float = 1.0
+    bias: float = 0.0
+    device: torch.device = torch.device("cpu")
+
+    def raw_scores(
+        self,
+        prompts: Sequence[Conversation],
+        completions: Sequence[str],
+        query: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        response: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+        stopped: torch.Tensor | Sequence[bool] | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Sequence[Conversation],
+        completions: Sequence[str],
+        query: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        response: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+        stopped: torch.Tensor | Sequence[bool] | None = None,
+    ) -> torch.Tensor:
+        """Normalised scores (B,), float32: gain · raw + bias.
+
+        ``query``/``query_mask`` (B, P, left-padded) and ``response``/``response_mask`` (B, T,
+        right-padded) are the policy's token ids; a model reward that shares the policy's
+        vocabulary scores them directly, otherwise (or when they are not given) it encodes
+        ``prompts`` and ``completions`` itself. ``stopped`` says which completions ended with a
+        stop token (they get the EOS appended when re-encoded; default: all).
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        raw = self.raw_scores(prompts, completions, query, query_mask, response, response_mask, stopped)
+        return raw * self.gain + self.bias
+
+    def info(self) -> dict[str, Any]:
+        """What to record in a run's provenance."""
+        return {"spec": self.name, "gain": self.gain, "bias": self.bias}
+
+
+# --- reward models ------------------------------------------------------------------------------
+
+
+class ModelReward(Reward):
+    """A one-label sequence classifier, frozen, scored at the last real token."""
+
+    def __init__(self, spec: str, model: Any, tokenizer: Any, same_vocab: bool, gain: float, bias: float, batch_size: int = 16):
+        self.name, self.model, self.tokenizer, self.same_vocab = spec, model, tokenizer, same_vocab
+        self.gain, self.bias, self.batch_size = gain, bias, max(1, batch_size)
+        self.device = next(model.parameters()).device
+
+    def raw_scores(self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None) -> torch.Tensor:
+        from rlhfkit.generation import right_pad
+        from rlhfkit.scoring import last_token_scores
+
+        if self.same_vocab and query is not None and response is not None:
+            ids = torch.cat([query, response], dim=1).to(self.device)  # (B, P+T)
+            mask = torch.cat([query_mask, response_mask], dim=1).to(self.device)
+        else:
+            stops = [True] * len(prompts) if stopped is None else [bool(s) for s in stopped]
+            seqs = [
+                encode_prompt(self.tokenizer, p) + encode_completion(self.tokenizer, c, stopped=s)
+                for p, c, s in zip(prompts, completions, stops)
+            ]
+            ids, mask = right_pad(seqs, self.tokenizer.pad_token_id, self.device)
+        out = []
+        for start in range(0, ids.size(0), self.batch_size):
+            chunk_ids, chunk_mask = _trim_columns(ids[start : start + self.batch_size], mask[start : start + self.batch_size])
+            out.append(last_token_scores(self.model, chunk_ids, chunk_mask))
+        return torch.cat(out).float() if out else torch.zeros(0, device=self.device)
+
+
+def _trim_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that hold no real token in any row (left and right padding of a chunk)."""
+    used = (mask != 0).any(0).nonzero().flatten()
+    if used.numel() == 0:
+        return ids, mask
+    first, last = int(used[0]), int(used[-1])
+    return ids[:, first : last + 1], mask[:, first : last + 1]
+
+
+def _same_vocab(a: Any, b: Any) -> bool:
+    return a is b or (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.bos_token_id == b.bos_token_id)
+
+
+def _load_model_reward(spec: str, tokenizer: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, batch_size: int) -> ModelReward:
+    from rlhfkit import models
+    from rlhfkit.provenance import read_run_info
+    from rlhfkit.scoring import normalization
+
+    model = models.load_model(spec, kind="reward", dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    architectures = getattr(model.config, "architectures", None) or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise RlhfkitError(f"{spec}: not a reward model ({architectures[0]}); give a one-label sequence classifier (rlhfkit train-rm) or python:MODULE:FUNCTION")
+    if int(getattr(model.config, "num_labels", 1)) != 1:
+        raise RlhfkitError(f"{spec}: a reward model has one label, this classifier has {model.config.num_labels}")
+    models.disable_dropout(model)
+    model.eval().requires_grad_(False)
+    try:
+        rm_tokenizer = models.load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    except RlhfkitError:
+        if tokenizer is None:
+            raise
+        rm_tokenizer = tokenizer  # a reward-model directory saved without its tokenizer
+    same = tokenizer is not None and _same_vocab(tokenizer, rm_tokenizer)
+    gain, bias = normalization(read_run_info(spec)) if Path(spec).is_dir() else (1.0, 0.0)
+    return ModelReward(spec, model, rm_tokenizer, same, gain, bias, batch_size)
+
+
+# --- scripted rewards ---------------------------------------------------------------------------
+
+
+class ScriptedReward(Reward):
+    """``python:MODULE:FUNCTION``: ``f(prompts, completions) -> list[float]``, used as is."""
+
+    def __init__(self, spec: str, fn: Callable[..., Any], device: torch.device):
+        self.name, self.fn, self.device = spec, fn, device
+
+    def raw_scores(self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None) -> torch.Tensor:
+        try:
+            values = self.fn(list(prompts), list(completions))
+        except Exception as e:  # the user's code: report it as a one-line error naming the function
+            raise RlhfkitError(f"{self.name}: raised {type(e).__name__}: {e}") from None
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise RlhfkitError(f"{self.name}: must return a list of numbers, got {type(values).__name__}") from None
+        if len(values) != len(completions):
+            raise RlhfkitError(f"{self.name}: returned {len(values)} scores for {len(completions)} completions")
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            raise RlhfkitError(f"{self.name}: returned a non-finite score ({bad})")
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+
+def parse_script_spec(spec: str) -> tuple[str, str]:
+    """``python:MODULE:FUNCTION`` -> (MODULE or path/to/file.py, FUNCTION), checked for shape only."""
+    body = spec[len(SCRIPT_PREFIX) :]
+    target, sep, function = body.rpartition(":")
+    if not sep or not target or not function.isidentifier():
+        raise ConfigError(f"{spec}: expected python:MODULE:FUNCTION or python:path/to/file.py:FUNCTION")
+    return target, function
+
+
+def load_script(spec: str) -> Callable[..., Any]:
+    """Import the function of a ``python:`` spec (the current directory is importable, as with ``python -m``)."""
+    target, function = parse_script_spec(spec)
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ConfigError(f"{spec}: no such file {target}")
+        name = f"rlhfkit_reward_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+        try:
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:  # the user's module failed to import
+            raise ConfigError(f"{spec}: importing {target} raised {type(e).__name__}: {e}") from None
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"{spec}: cannot import module '{target}' ({e})") from None
+        except Exception as e:
+            raise ConfigError(f"{spec}: importing {target} raised {type(e).__name__}: {e}") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ConfigError(f"{spec}: module '{target}' has no function '{function}'")
+    return fn
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def is_script(spec: str) -> bool:
+    return spec.startswith(SCRIPT_PREFIX)
+
+
+def load_reward(
+    spec: str,
+    tokenizer: Any,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    trust_remote_code: bool = False,
+    batch_size: int = 16,
+) -> Reward:
+    """The reward named by ``spec`` (see the module docstring). ``tokenizer`` is the policy's:
+    a reward model with the same vocabulary scores the policy's token ids directly.
+    ``batch_size`` caps how many sequences one reward-model forward pass takes."""
+    device = torch.device(device)
+    if is_script(spec):
+        return ScriptedReward(spec, load_script(spec), device)
+    return _load_model_reward(spec, tokenizer, device, dtype, trust_remote_code, batch_size)

@@ -1,0 +1,1 @@
+"""One module per stage: `run(config) -> result dict`; the stage loop lives here."""

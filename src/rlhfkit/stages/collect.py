@@ -1,0 +1,392 @@
+"""``collect``: K completions per prompt from one or more policies, written as samples JSONL for labelers.
+
+1. read the prompts; skip those already in OUT or in its hidden partial file (resume);
+2. load every policy (model + tokenizer; all stay loaded, so that each prompt's line can hold
+   every policy's completions);
+3. for each chunk of prompts and each policy, sample K completions per prompt with
+   `rlhfkit.generation.sample` (KV cache, left padding). Row (prompt, policy, k) samples with its
+   own seed, a hash of (seed, prompt id, policy, k), so a completion depends only on those and
+   not on the batch it shared: the same seed gives the same file, interrupted or not;
+4. per prompt: drop repeated texts (``--dedup``), shuffle all policies' completions together
+   (blind labeling, deterministic given the seed), append the line to the partial file;
+5. at the end, sort the lines in prompt order and write OUT atomically; remove the partial file.
+
+``--out -`` streams each line to stdout as soon as its prompt is done (no resume).
+
+A completion's ``num_tokens`` counts the generated tokens, the stop token included; ``logprob`` is
+their summed log-probability under the sampling distribution (logits / temperature, before top-k/p).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from rlhfkit.config import CollectConfig
+from rlhfkit.data import io, records
+from rlhfkit.data.records import Completion, Prompt, RecordError, Samples
+from rlhfkit.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    path: str
+
+
+def parse_policies(specs: Sequence[str]) -> list[PolicySpec]:
+    """``NAME=PATH`` or ``PATH`` (name = the directory's name, or the file's stem for ``.gguf``)."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or "/" in name:
+            path = spec
+            name = Path(spec.rstrip("/")).name
+            name = name.removesuffix(".gguf")
+        if not path:
+            raise ConfigError(f"--policy {spec!r}: no model path")
+        out.append(PolicySpec(name, path))
+    names = [p.name for p in out]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"--policy: the name {duplicates[0]!r} is given twice; name them apart with NAME=PATH")
+    return out
+
+
+def check_config(config: CollectConfig) -> None:
+    if not config.policy:
+        raise ConfigError("--policy: missing (a model directory, hub id or .gguf file; repeat for several)")
+    if not config.prompts:
+        raise ConfigError("--prompts: missing (a prompts JSONL file)")
+    if not config.out:
+        raise ConfigError("--out: missing (a samples JSONL file, or - for stdout)")
+    checks = [
+        (config.k >= 1, f"--k: expected 1 or more, got {config.k}"),
+        (config.max_new_tokens >= 1, f"--max-new-tokens: expected 1 or more, got {config.max_new_tokens}"),
+        (config.temperature >= 0, f"--temperature: expected 0 (greedy) or more, got {config.temperature}"),
+        (0 < config.top_p <= 1, f"--top-p: expected a number in (0, 1], got {config.top_p}"),
+        (config.top_k >= 0, f"--top-k: expected 0 (off) or more, got {config.top_k}"),
+        (config.batch_size >= 1, f"--batch-size: expected 1 or more, got {config.batch_size}"),
+        (config.max_prompts >= 0, f"--max-prompts: expected 0 (all) or more, got {config.max_prompts}"),
+        (all(config.stop), "--stop: an empty stop string"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def sampling_settings(config: CollectConfig, policies: Sequence[PolicySpec]) -> dict[str, Any]:
+    """What made a line (recorded in it): resuming with other settings is refused."""
+    return {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "max_new_tokens": config.max_new_tokens,
+        "stop": list(config.stop),
+        "k": config.k,
+        "seed": config.seed,
+        "policies": [p.name for p in policies],
+        "dedup": config.dedup,
+    }
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def row_seed(seed: int, prompt_id: str, policy: str, index: int) -> int:
+    """The sampling seed of one completion: depends on nothing else (not on its batch)."""
+    return int(_digest(seed, prompt_id, policy, index)[:15], 16)
+
+
+def completion_id(prompt_id: str, policy: str, index: int, sampling: dict[str, Any]) -> str:
+    """A stable id, ``<prompt id>-<8 hex>``: the same inputs, settings and seed give the same id."""
+    settings = json.dumps(sampling, sort_keys=True)
+    return f"{prompt_id}-{_digest(prompt_id, policy, index, settings)[:8]}"
+
+
+def blind_order(completions: list[Completion], seed: int, prompt_id: str) -> list[Completion]:
+    """All policies' completions of one prompt in one shuffled order (deterministic given the seed)."""
+    shuffled = list(completions)
+    random.Random(int(_digest(seed, prompt_id, "shuffle")[:15], 16)).shuffle(shuffled)
+    return shuffled
+
+
+def dedup(completions: list[Completion]) -> list[Completion]:
+    """Keep the first completion of each distinct text."""
+    seen: set[str] = set()
+    out = []
+    for c in completions:
+        if c.text not in seen:
+            seen.add(c.text)
+            out.append(c)
+    return out
+
+
+def load_prompts(config: CollectConfig) -> list[Prompt]:
+    prompts = records.load(config.prompts, records.parse_prompt, skip_invalid=config.skip_invalid)
+    first: dict[str, int] = {}
+    out = []
+    for prompt, line in zip(prompts, prompts.lines):
+        if prompt.id in first:
+            reason = f"duplicate prompt id {prompt.id!r} (also line {first[prompt.id]})"
+            if not config.skip_invalid:
+                raise DataError("<stdin>" if config.prompts == io.STDIO else config.prompts, line, "id", reason)
+            continue
+        first[prompt.id] = line
+        out.append(prompt)
+    return out[: config.max_prompts] if config.max_prompts else out
+
+
+# --- output: incremental, resumable, atomic at the end ------------------------------------------
+
+
+class SamplesWriter:
+    """Writes each prompt's line as soon as it is done.
+
+    To a file: lines go to a hidden partial file beside OUT (``.NAME.partial``); at the end they are
+    sorted in prompt order and written to OUT atomically, and the partial file is removed. A run
+    that is killed leaves OUT as it was (absent, or the previous complete file) plus the partial
+    file; the next run with the same OUT reads both and skips the prompts they hold.
+    To ``-``: lines go to stdout in prompt order; nothing is resumed.
+    """
+
+    def __init__(self, out: str, sampling: dict[str, Any]):
+        self.out = out
+        self.sampling = sampling
+        self.lines: dict[str, dict[str, Any]] = {}  # prompt id -> line, everything done so far
+        self.stream: IO[str]
+        if out == io.STDIO:
+            self.stream = sys.stdout
+            return
+        path = Path(out)
+        self.partial = path.with_name(f".{path.name}.partial")
+        previous = self._read(path) if path.exists() else {}
+        partial = self._read(self.partial, cut_half_line=True) if self.partial.exists() else {}
+        self.lines = {**previous, **partial}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.stream = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115  (open across the whole run; closed by finish/close)
+        for pid, line in previous.items():  # OUT's lines join the partial file, so that it holds everything
+            if pid not in partial:
+                self.stream.write(io.dumps(line) + "\n")
+        self.stream.flush()
+
+    def _read(self, path: Path, cut_half_line: bool = False) -> dict[str, dict[str, Any]]:
+        """The lines of a previous run by prompt id. A partial file may end in a half-written line
+        (the run was killed while writing it): that line is cut off the file."""
+        raw = path.read_bytes()
+        if cut_half_line and raw and not raw.endswith(b"\n"):
+            raw = raw[: raw.rfind(b"\n") + 1]
+            os.truncate(path, len(raw))
+        lines: dict[str, dict[str, Any]] = {}
+        for number, text in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+                sample = records.parse_samples(record)
+            except json.JSONDecodeError as e:
+                raise DataError(path, number, None, f"invalid JSON: {e.msg} (delete the file to start over)") from None
+            except RecordError as e:
+                raise DataError(path, number, e.field, e.reason) from None
+            self._check_settings(path, number, sample)
+            lines.setdefault(sample.prompt_id, record)
+        return lines
+
+    def _check_settings(self, path: Path, number: int, sample: Samples) -> None:
+        old = sample.sampling
+        if not old:
+            return
+        for key, value in self.sampling.items():
+            if key in old and old[key] != value:
+                raise ConfigError(
+                    f"{path}:{number}: collected with {key} = {json.dumps(old[key])}, this run has {json.dumps(value)}; "
+                    "give the same options to resume, or another --out"
+                )
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.lines)
+
+    def write(self, line: dict[str, Any]) -> None:
+        self.lines[line["prompt_id"]] = line
+        self.stream.write(io.dumps(line) + "\n")
+        self.stream.flush()
+
+    def sync(self) -> None:
+        if self.out != io.STDIO:
+            os.fsync(self.stream.fileno())
+
+    def finish(self, order: Sequence[str]) -> int:
+        """Write OUT in prompt order (lines of prompts not in ``order`` last); return the line count."""
+        if self.out == io.STDIO:
+            return len(self.lines)
+        self.stream.close()
+        rank = {pid: i for i, pid in enumerate(order)}
+        ordered = sorted(self.lines.values(), key=lambda line: rank.get(line["prompt_id"], len(rank)))
+        io.write_jsonl(self.out, ordered)
+        self.partial.unlink(missing_ok=True)
+        return len(ordered)
+
+    def close(self) -> None:
+        if self.out != io.STDIO and not self.stream.closed:
+            self.stream.close()
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Policy:
+    spec: PolicySpec
+    model: Any
+    tokenizer: Any
+    stop_ids: list[int]
+
+
+def load_policies(specs: Sequence[PolicySpec], config: CollectConfig) -> list[Policy]:
+    from rlhfkit.chat import stop_token_ids
+    from rlhfkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    out = []
+    for spec in specs:
+        tokenizer = load_tokenizer(spec.path, trust_remote_code=config.trust_remote_code)
+        model = load_model(spec.path, "causal-lm", dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
+        out.append(Policy(spec, model, tokenizer, stop_token_ids(tokenizer, model.config)))
+    return out
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass
+class Throughput:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def sample_policy(
+    policy: Policy, prompts: Sequence[Prompt], config: CollectConfig, sampling: dict[str, Any], meter: Throughput
+) -> dict[str, list[Completion]]:
+    """K completions of every prompt from one policy, ``batch_size`` sequences at a time."""
+    from rlhfkit.chat import encode_prompt
+    from rlhfkit.generation import sample
+
+    name = policy.spec.name
+    rows = [(p, k) for p in prompts for k in range(config.k)]
+    ids = {p.id: encode_prompt(policy.tokenizer, p.prompt) for p in prompts}
+    out: dict[str, list[Completion]] = {p.id: [] for p in prompts}
+    for batch in _chunks(rows, config.batch_size):
+        start = time.perf_counter()
+        rollout = sample(
+            policy.model,
+            [ids[p.id] for p, _ in batch],
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            stop_token_ids=policy.stop_ids,
+            pad_token_id=policy.tokenizer.pad_token_id,
+            stop_strings=config.stop,
+            tokenizer=policy.tokenizer,
+            seeds=[row_seed(config.seed, p.id, name, k) for p, k in batch],
+        )
+        lengths = rollout.response_lengths.tolist()  # one device sync per batch
+        logprobs = rollout.logprobs.sum(1).tolist()
+        stopped = rollout.stopped.tolist()
+        meter.seconds += time.perf_counter() - start
+        meter.tokens += sum(lengths)
+        for i, (p, k) in enumerate(batch):
+            out[p.id].append(
+                Completion(
+                    id=completion_id(p.id, name, k, sampling),
+                    text=rollout.completion_text(i, policy.tokenizer, policy.stop_ids),
+                    policy=name,
+                    finish_reason="stop" if stopped[i] else "length",
+                    num_tokens=int(lengths[i]),
+                    logprob=round(float(logprobs[i]), 4),
+                )
+            )
+    return out
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("collect"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("prompts  {task.fields[tps]:>8.1f} tokens/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def run(config: CollectConfig) -> dict[str, Any]:
+    from rlhfkit.cli.common import console
+
+    check_config(config)
+    specs = parse_policies(config.policy)
+    prompts = load_prompts(config)
+    sampling = sampling_settings(config, specs)
+    writer = SamplesWriter(config.out, sampling)
+    try:
+        resumed = len(writer.done & {p.id for p in prompts})
+        todo = [p for p in prompts if p.id not in writer.done]
+        meter = Throughput()
+        completions = dropped = 0
+        finish = {"stop": 0, "length": 0}
+        if todo:
+            policies = load_policies(specs, config)
+            # enough prompts per chunk to fill a batch with their K completions
+            per_chunk = max(1, config.batch_size // config.k)
+            with _progress(console) as progress:
+                task = progress.add_task("collect", total=len(todo), tps=0.0)
+                for chunk in _chunks(todo, per_chunk):
+                    by_policy = [sample_policy(policy, chunk, config, sampling, meter) for policy in policies]
+                    for p in chunk:
+                        line = [c for sampled in by_policy for c in sampled[p.id]]
+                        kept = dedup(line) if config.dedup else line
+                        dropped += len(line) - len(kept)
+                        kept = blind_order(kept, config.seed, p.id)
+                        completions += len(kept)
+                        for c in kept:
+                            finish[c.finish_reason] += 1
+                        writer.write(Samples(p.id, p.prompt, tuple(kept), sampling).to_dict())
+                    writer.sync()
+                    progress.update(task, advance=len(chunk), tps=meter.tokens_per_s)
+        lines = writer.finish([p.id for p in prompts])
+    finally:
+        writer.close()
+    return {
+        "out": config.out,
+        "prompts": len(prompts),
+        "collected": len(todo),
+        "resumed": resumed,
+        "lines": lines,
+        "completions": completions,
+        "duplicates_dropped": dropped,
+        "finish_reason": finish,
+        "policies": [s.name for s in specs],
+        "tokens": meter.tokens,
+        "seconds": round(meter.seconds, 3),
+        "tokens_per_s": round(meter.tokens_per_s, 1),
+    }

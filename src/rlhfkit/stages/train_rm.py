@@ -1,0 +1,599 @@
+"""``rlhfkit train-rm``: a Bradley–Terry reward model, the InstructGPT way.
+
+Model
+    ``models.load_model(M, kind="reward")``: a one-label ``AutoModelForSequenceClassification``
+    initialised from M (usually the SFT model) with a fresh linear score head, dropout off. With
+    ``--lora`` only LoRA adapters and the score head train; the saved model is merged.
+
+What is scored
+    ``chat.encode_prompt(prompt) + chat.encode_completion(completion, stopped=True)``: a chat
+    prompt is rendered with the chat template and the generation prompt, the completion ends with
+    EOS — exactly the ids that ppo and eval score. The reward is the head's output at the last real
+    token (`scoring.last_token_scores`: found from the attention mask, never from the pad id).
+
+Loss (`losses.bradley_terry_loss`)
+    L = mean over the pairs of a batch of −log σ(r_w − r_l − m), with m the pair's ``margin``
+    under ``--use-margin`` (Llama 2) and 0 otherwise, plus ``--center-rewards-coef`` η times
+    mean (r_w + r_l)² (Eisenstein et al. 2023, "Helping or Herding", eq. 2; the same term as TRL's
+    ``center_rewards_coefficient``), which pins the reward's offset near zero.
+
+Batching (`rlhfkit.rm_data`)
+    Comparisons that share ``group`` (one ranking by one annotator, as rank-import writes them)
+    form *one* batch element: each distinct completion is encoded once and all pairs among them are
+    scored from those rewards (InstructGPT §3.5: K forward passes per ranking instead of K(K−1)).
+    A comparison without ``group`` is an element of its own. ``--batch-size`` counts elements per
+    micro-batch per device (rankings, or pairs), so the number of pairs per step varies with K.
+
+Defaults
+    One epoch (InstructGPT: a reward model overfits after one epoch over the correlated pairs of
+    rankings) and ``--lr 1e-5`` (full fine-tuning of the whole network; InstructGPT's 6B RM used
+    9e-6, and TRL's 1e-4 default is tuned for LoRA — raise it with ``--lora``). AdamW, linear
+    decay, gradient clipping at 1.0. Weights stay float32; ``--dtype bfloat16/float16`` trains
+    under autocast (float16 with a gradient scaler).
+
+Held-out evaluation
+    ``--val-data FILE``, or ``--val-fraction`` of the prompts split off ``--data`` (by prompt: no
+    prompt on both sides). Pairwise accuracy ``rm/accuracy``, mean reward difference
+    ``rm/margin`` and ``loss/eval`` every ``--eval-every`` steps and at the end.
+
+Normalisation
+    After training, raw rewards r on reference completions — the distinct training completions,
+    or ``--norm-samples FILE`` (collect's samples, e.g. fresh SFT samples, or comparisons) — give
+    gain = 1/std and bias = −mean/std (population std), so gain·r + bias has mean 0 and std 1
+    there. Recorded in ``rlhfkit.json`` as ``{"reward": {"gain", "bias", "raw_mean", "raw_std",
+    "n", "source"}}``; `scoring.normalization` reads it for ppo and eval.
+
+Interchange with plain transformers
+    The output directory is an ordinary sequence classifier. Hugging Face's pooling reads the
+    last token that is *not* ``config.pad_token_id``; when the pad id is also a stop token (pad ==
+    EOS, as in SmolLM2) it would skip the final EOS and read the token before. So when the
+    tokenizer's pad id is a stop token, the saved ``config.pad_token_id`` is None: transformers
+    then reads the last token, which gives exactly rlhfkit's score for an unpadded sequence (batch
+    size 1; batches need rlhfkit's mask-based `scoring.last_token_scores`). rlhfkit itself never
+    uses that field.
+
+Training machinery (`rlhfkit.training`): torchrun/DDP with rank-sharded elements, checkpoints
+every ``--save-every`` steps and at the end, ``--resume`` continues exactly (the data order is a
+function of seed and epoch; the position is the step), ``OUT/metrics.jsonl``, a progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from rlhfkit import chat, models, rm_data, training
+from rlhfkit.config import TrainRMConfig
+from rlhfkit.data import records
+from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.losses import bradley_terry_loss
+from rlhfkit.provenance import RunInfo
+from rlhfkit.scoring import last_token_scores
+
+STAGE = "train-rm"
+# options that may differ when a run is resumed (they do not change what is computed)
+RESUME_MAY_CHANGE = (
+    "resume", "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every",
+    "keep_checkpoints", "device", "norm_samples", "save_adapter",
+)  # fmt: skip
+ADAPTER_DIR = "adapter"
+
+
+class RewardScorer(torch.nn.Module):
+    """The reward computation as one module, so that DDP wraps it.
+
+    `scoring.last_token_scores` calls the backbone and the head directly; under DDP the gradient
+    all-reduce only happens for a forward that goes through the DDP wrapper, so the wrapper must
+    sit around this module rather than around the sequence classifier.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return last_token_scores(self.model, input_ids, attention_mask)  # (N,)
+
+
+def pair_loss(
+    rewards: torch.Tensor, batch: rm_data.Batch, *, use_margin: bool = False, center_rewards_coef: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley–Terry over the pairs of a batch, from one reward per distinct sequence.
+
+    ``rewards`` (N,) one per row of ``batch.input_ids``; pairs gather (P,) winner and loser rewards.
+    Stats: those of `bradley_terry_loss` plus ``reward_mean``/``reward_std`` over the N rewards.
+    """
+    chosen, rejected = rewards[batch.winners], rewards[batch.losers]  # (P,), (P,)
+    loss, stats = bradley_terry_loss(chosen, rejected, batch.margins if use_margin else None)
+    if center_rewards_coef > 0:
+        loss = loss + center_rewards_coef * ((chosen + rejected) ** 2).mean()
+    with torch.no_grad():
+        stats["reward_mean"] = rewards.mean()
+        stats["reward_std"] = rewards.std(unbiased=False)
+    return loss, stats
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+def check_options(config: TrainRMConfig) -> None:
+    """Every option checked before anything is loaded."""
+    for name in ("model", "data", "out"):
+        if not getattr(config, name):
+            raise ConfigError(f"--{name} is required")
+    positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "lora_r")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm", "center_rewards_coef"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {config.lr}")
+    if not 0 <= config.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+    if config.max_length < 2:
+        raise ConfigError(f"--max-length must be at least 2, got {config.max_length}")
+    if config.schedule not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"--schedule: expected linear, cosine or constant, got {config.schedule!r}")
+    if config.save_adapter and not config.lora:
+        raise ConfigError("--save-adapter needs --lora")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+
+
+def run(config: TrainRMConfig) -> dict[str, Any]:
+    check_options(config)
+    device = models.resolve_device(config.device)
+    dtype = models.resolve_dtype(config.dtype, device)
+    dist = training.init_distributed(device)
+    try:
+        return _run(config, device, dtype, dist)
+    finally:
+        training.shutdown_distributed(dist)
+
+
+def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: training.Dist) -> dict[str, Any]:
+    from rlhfkit.cli.common import console
+
+    def say(text: str) -> None:
+        if dist.is_main:  # people read stderr; long paths stay on one line
+            console.print(text, highlight=False, soft_wrap=True)
+
+    out = Path(config.out)
+    resume_from = _resume_point(config, out, dist)
+    info = RunInfo(
+        STAGE,
+        config,
+        {
+            "model": config.model,
+            "data": config.data,
+            "val_data": config.val_data or None,
+            "norm_samples": config.norm_samples or None,
+        },
+    )
+    data_sha = info.inputs["data"][0]["sha256"] if info.inputs["data"] else None
+
+    # 1. data: parse, split by prompt, tokenise, group (all before the model is loaded)
+    tokenizer = models.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    train_cmp = records.load(config.data, records.parse_comparison, skip_invalid=config.skip_invalid)
+    skipped = train_cmp.skipped
+    if config.val_data:
+        val_cmp = records.load(config.val_data, records.parse_comparison, skip_invalid=config.skip_invalid)
+        skipped += val_cmp.skipped
+        train_cmp = list(train_cmp)
+        overlap = {rm_data.content_key(c.prompt) for c in train_cmp} & {rm_data.content_key(c.prompt) for c in val_cmp}
+        if overlap:
+            say(f"[yellow]warning:[/] {len(overlap)} prompt(s) of --val-data also occur in --data")
+    else:
+        train_cmp, val_cmp = rm_data.split_by_prompt(list(train_cmp), config.val_fraction, config.seed)
+    if config.use_margin and not any(c.margin is not None for c in train_cmp):
+        raise DataError(config.data, None, "margin", "--use-margin is set but no comparison has a margin")
+    reference = rm_data.load_reference(config.norm_samples, skip_invalid=config.skip_invalid) if config.norm_samples else None
+
+    encode = rm_data.Encoder(tokenizer)
+    train, train_stats = rm_data.build_elements(train_cmp, encode, config.max_length)
+    val, val_stats = rm_data.build_elements(val_cmp, encode, config.max_length)
+    if not train:
+        raise DataError(
+            config.data,
+            None,
+            None,
+            f"no training pair left ({train_stats.dropped_too_long} longer than --max-length {config.max_length})",
+        )
+    # the completions that set the normalisation: --norm-samples, or the distinct training ones
+    if reference is not None:
+        norm_sequences = [encode(p, c, stopped=s) for p, c, s in reference]
+    else:
+        norm_sequences = list(dict.fromkeys(seq for e in train for seq in e.sequences))
+    norm_too_long = sum(len(s) > config.max_length for s in norm_sequences)
+    norm_sequences = [s for s in norm_sequences if len(s) <= config.max_length]
+    if not norm_sequences:
+        raise DataError(config.norm_samples, None, None, f"no completion within --max-length {config.max_length} to normalise on")
+    dropped = train_stats.dropped_too_long + val_stats.dropped_too_long
+    if dropped:
+        say(f"[yellow]warning:[/] dropped {dropped} pair(s) longer than --max-length {config.max_length} tokens")
+    if val_cmp and not val:
+        say("[yellow]warning:[/] every held-out pair is longer than --max-length; no held-out evaluation")
+    say(
+        f"train-rm: {train_stats.pairs} training pairs in {train_stats.elements} batch elements "
+        f"({train_stats.sequences} sequences to encode per epoch instead of {train_stats.sequences_if_expanded}); "
+        f"{val_stats.pairs} held-out pairs"
+    )
+
+    # 2. model (the score head's initialisation depends on the seed)
+    training.seed_everything(config.seed)
+    model = models.load_model(
+        config.model, kind="reward", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code
+    )
+    models.disable_dropout(model)
+    if config.lora:
+        model = models.apply_lora(
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            kind="reward",
+        )
+    model.train()
+    scorer = training.wrap_ddp(RewardScorer(model), dist, device)
+    amp_dtype = None if dtype == torch.float32 else dtype
+    autocast: Callable[[], AbstractContextManager] = (
+        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    )
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    # 3. schedule: micro-batches per epoch are the same on every rank (see `_epoch_batches`)
+    micro_per_epoch = math.ceil(math.ceil(len(train) / dist.world_size) / config.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = training.make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = training.make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
+    schedulers: dict[str, Any] = {"model": scheduler, **({"grad_scaler": scaler} if scaler else {})}
+
+    step = 0
+    if resume_from is not None:
+        state = training.load_checkpoint(
+            resume_from, modules={"model": model}, optimizers={"model": optimizer}, schedulers=schedulers
+        )
+        if data_sha is not None and state.get("data_sha256") not in (None, data_sha):
+            raise ConfigError(f"--resume: {config.data} changed since {resume_from} was written; resume with the same data")
+        step = int(state["step"])
+        say(f"resuming from {resume_from} (step {step} of {total_steps})")
+    metrics_log = training.MetricsLog(out, dist, resume_step=step if resume_from is not None else None)
+
+    def checkpoint(at: int) -> None:
+        if dist.is_main:
+            training.save_checkpoint(
+                out, at, modules={"model": model}, optimizers={"model": optimizer}, schedulers=schedulers,
+                state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha},
+                keep=config.keep_checkpoints,
+            )  # fmt: skip
+        training.barrier(dist)
+
+    def held_out(at: int) -> dict[str, float]:
+        if not val:
+            return {}
+        result = evaluate(model, val, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
+                          device=device, autocast=autocast, use_margin=config.use_margin, dist=dist)  # fmt: skip
+        return {k: v for k, v in metrics_log.log(at, result).items() if k != "step"}
+
+    # 4. train
+    pairs_done, tokens_done, train_seconds = 0, 0, 0.0
+    last: dict[str, float] = {}  # the newest training metrics line (a resumed run starts from the file's)
+    for row in training.read_metrics(out) if resume_from is not None else []:
+        if "loss/train" in row:
+            last = row
+    window: list[dict[str, torch.Tensor]] = []  # the steps since the last metrics line
+    orders: dict[int, list[list[int]]] = {}
+    saved_at = step if resume_from is not None else -1
+    with training.progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main) as bar:
+        while step < total_steps:
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch not in orders:
+                orders = {epoch: _epoch_batches(len(train), dist, config.batch_size, config.seed, epoch)}
+            micro = orders[epoch][index * config.grad_accum : (index + 1) * config.grad_accum]
+            started = time.perf_counter()
+            sums: dict[str, torch.Tensor] = {}
+            for j, chunk in enumerate(micro):
+                elements = [train[i] for i in chunk]
+                batch = rm_data.collate(elements, tokenizer.pad_token_id).to(device)
+                with training.no_sync(scorer, skip=j < len(micro) - 1):
+                    with autocast():
+                        rewards = scorer(batch.input_ids, batch.attention_mask)  # (N,)
+                    loss, stats = pair_loss(
+                        rewards.float(), batch, use_margin=config.use_margin, center_rewards_coef=config.center_rewards_coef
+                    )
+                    scaled = loss / len(micro)
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                for k, v in {"loss": loss.detach(), **stats}.items():
+                    sums[k] = sums.get(k, 0) + v / len(micro)
+                pairs_done += sum(e.num_pairs for e in elements)  # counted on the host: no device sync
+                tokens_done += sum(e.num_tokens for e in elements)
+            if scaler:
+                scaler.unscale_(optimizer)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            )
+            lr = scheduler.get_last_lr()[0]
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so that the throughput counts finished work
+            train_seconds += time.perf_counter() - started
+            step += 1
+            window.append({**sums, "grad_norm": grad_norm.detach()})
+
+            if step % config.log_every == 0 or step == total_steps:
+                mean = {k: torch.stack([w[k] for w in window]).mean().float() for k in window[0]}
+                mean["pairs"] = torch.tensor(float(pairs_done), device=device)
+                mean["tokens"] = torch.tensor(float(tokens_done), device=device)
+                packed = training.all_reduce_mean(torch.stack(list(mean.values())), dist)  # one collective for all
+                mean = dict(zip(mean, packed.unbind(0), strict=True))
+                # ranks step in lockstep: every rank's count over this rank's time is the global rate
+                pairs_per_s = mean["pairs"] * dist.world_size / max(train_seconds, 1e-9)
+                last = metrics_log.log(step, {
+                    "loss/train": mean["loss"],
+                    "rm/train_accuracy": mean["accuracy"],
+                    "rm/train_margin": mean["margin_mean"],
+                    "rm/reward_mean": mean["reward_mean"],
+                    "rm/reward_std": mean["reward_std"],
+                    "optim/lr": lr,
+                    "optim/grad_norm": mean["grad_norm"],
+                    "throughput/pairs_per_s": pairs_per_s,
+                    "throughput/tokens_per_s": mean["tokens"] * dist.world_size / max(train_seconds, 1e-9),
+                    "epoch": step / steps_per_epoch,
+                })  # fmt: skip
+                window = []
+                bar.update(
+                    advance=0,
+                    info=f"loss {last['loss/train']:.4f} | acc {last['rm/train_accuracy']:.2f} | {last['throughput/pairs_per_s']:.1f} pairs/s",
+                )
+            bar.update(advance=1)
+            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                held_out(step)
+            if config.save_every and step % config.save_every == 0:
+                checkpoint(step)
+                saved_at = step
+    if saved_at != step:
+        checkpoint(step)
+
+    # 5. held-out evaluation, normalisation, the model directory
+    model.eval()
+    evaluation = held_out(step)
+    norm = reward_normalization(
+        model,
+        norm_sequences,
+        batch_size=config.eval_batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        device=device,
+        autocast=autocast,
+        dist=dist,
+    )
+    norm["source"] = config.norm_samples or "train"
+    if norm_too_long:
+        norm["skipped_too_long"] = norm_too_long
+    if dist.is_main:
+        metrics_log.log(
+            step,
+            {
+                "reward/raw_mean": norm["raw_mean"],
+                "reward/raw_std": norm["raw_std"],
+                "reward/gain": norm["gain"],
+                "reward/bias": norm["bias"],
+            },
+        )
+
+    summary = {
+        **{k: v for k, v in last.items() if k != "step"},
+        **evaluation,
+        "steps": step,
+        "train_pairs": train_stats.pairs,
+        "val_pairs": val_stats.pairs,
+    }
+    if dist.is_main:
+        final = models.merged(model) if config.lora else training.unwrap(model)
+        final.config.pad_token_id = export_pad_token_id(tokenizer, final.config)
+        keep = models.RUN_FILES
+        if config.save_adapter:
+            _save_adapter(model, out / ADAPTER_DIR)
+            keep = (*keep, ADAPTER_DIR)
+        models.save_model_dir(final, tokenizer, out, info, summary, extra={"reward": norm}, keep=keep)
+        accuracy = f"held-out accuracy {evaluation['rm/accuracy']:.3f}, " if evaluation else "no held-out set, "
+        say(f"reward model saved to {out}: {accuracy}reward normalised with gain {norm['gain']:.4g}, bias {norm['bias']:.4g}")
+    training.barrier(dist)
+    return {
+        "out": str(out),
+        "steps": step,
+        "epochs": config.epochs,
+        "train": dataclasses.asdict(train_stats),
+        "val": dataclasses.asdict(val_stats),
+        "skipped_invalid": skipped,
+        "metrics": summary,
+        "reward": norm,
+    }
+
+
+def _resume_point(config: TrainRMConfig, out: Path, dist: training.Dist) -> Path | None:
+    """The checkpoint to resume from, if any. Never write over an earlier run without --resume, nor
+    over a directory that is not a run directory (the final save replaces OUT as a whole); the same
+    rules as sft."""
+    from rlhfkit.cli.common import console
+
+    has_files = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
+    is_run = (out / "rlhfkit.json").is_file() or (out / training.CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
+    if not config.resume:
+        if has_files:
+            what = "holds an earlier run (pass --resume to continue it)" if is_run else "exists and is not empty"
+            raise ConfigError(f"--out {out}: {what}; choose another directory or remove it")
+        return None
+    latest = training.latest_checkpoint(out)
+    if latest is None:
+        if has_files and not is_run:
+            raise ConfigError(f"--out {out}: exists and is not a run directory of rlhfkit train-rm")
+        if dist.is_main:
+            console.print(
+                f"[yellow]--resume: no checkpoint in {out}; starting from the beginning[/]", highlight=False, soft_wrap=True
+            )
+        return None
+    training.check_resume_config(latest, dataclasses.asdict(config), ignore=RESUME_MAY_CHANGE)
+    return latest
+
+
+def _epoch_batches(n: int, dist: training.Dist, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches (element indices) for one epoch.
+
+    The order is a function of (seed, epoch) only. Under torchrun it is padded by wrapping around
+    to a multiple of the world size (as torch's DistributedSampler does), so every rank runs the
+    same number of micro-batches and no rank waits on a collective that never comes.
+    """
+    order = training.epoch_order(n, seed, epoch)
+    if dist.enabled and n % dist.world_size:
+        target = math.ceil(n / dist.world_size) * dist.world_size
+        order = (order * math.ceil(target / n))[:target]
+    mine = training.shard(order, dist)
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+# --- evaluation and normalisation --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    elements: Sequence[rm_data.Element],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    use_margin: bool = False,
+    dist: training.Dist = training.Dist(),
+) -> dict[str, torch.Tensor]:
+    """Pairwise accuracy, mean reward difference (chosen − rejected) and loss over all held-out pairs.
+
+    Each rank scores its shard of the elements; the sums are added across ranks.
+    """
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # pairs, correct, margin, loss
+    mine = training.shard(elements, dist)
+    for i in range(0, len(mine), batch_size):
+        batch = rm_data.collate(mine[i : i + batch_size], pad_token_id).to(device)
+        with autocast():
+            rewards = last_token_scores(model, batch.input_ids, batch.attention_mask).float()  # (N,)
+        loss, stats = pair_loss(rewards, batch, use_margin=use_margin)
+        p = batch.num_pairs
+        sums += torch.stack(
+            [torch.tensor(float(p), device=device), stats["accuracy"] * p, stats["margin_mean"] * p, loss * p]
+        ).double()
+    if dist.enabled:
+        tdist.all_reduce(sums)
+    n = sums[0].clamp_min(1)
+    return {"rm/accuracy": sums[1] / n, "rm/margin": sums[2] / n, "loss/eval": sums[3] / n}
+
+
+@torch.no_grad()
+def raw_rewards(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> torch.Tensor:
+    """Raw rewards of token sequences, (N,) float32 on the CPU, in the given order. Batches are
+    formed by length to waste little on padding."""
+    from rlhfkit.generation import right_pad
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.empty(len(sequences), dtype=torch.float32)
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        ids, mask = right_pad([sequences[r] for r in rows], pad_token_id, device)
+        with autocast():
+            out[rows] = last_token_scores(model, ids, mask).float().cpu()
+    return out
+
+
+def reward_normalization(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    dist: training.Dist = training.Dist(),
+) -> dict[str, Any]:
+    """Gain and bias that map the raw rewards of ``sequences`` to mean 0 and (population) std 1.
+
+    normalised = gain·raw + bias with gain = 1/std and bias = −mean/std. Under torchrun each rank
+    scores its shard and the per-rank (count, mean, M2) are combined exactly (Chan et al.). A
+    constant reward (std below 1e-6 of its scale) gets gain 1: normalisation only removes the mean.
+    """
+    rewards = raw_rewards(
+        model, training.shard(sequences, dist), batch_size=batch_size, pad_token_id=pad_token_id, device=device, autocast=autocast
+    ).double()
+    n = float(rewards.numel())
+    mean = rewards.mean().item() if n else 0.0
+    m2 = ((rewards - mean) ** 2).sum().item() if n else 0.0
+    if dist.enabled:
+        parts = [torch.zeros(3, dtype=torch.float64, device=device) for _ in range(dist.world_size)]
+        tdist.all_gather(parts, torch.tensor([n, mean, m2], dtype=torch.float64, device=device))
+        n, mean, m2 = 0.0, 0.0, 0.0
+        for part in parts:
+            nb, mb, m2b = part.tolist()
+            if nb == 0:
+                continue
+            total = n + nb
+            delta = mb - mean
+            mean, m2, n = mean + delta * nb / total, m2 + m2b + delta**2 * n * nb / total, total
+    std = math.sqrt(m2 / n) if n else 0.0
+    # a constant reward (up to float32 rounding) cannot be rescaled to std 1: only centre it
+    gain = 1.0 / std if std > 1e-6 * max(1.0, abs(mean)) else 1.0
+    return {"gain": gain, "bias": -mean * gain, "raw_mean": mean, "raw_std": std, "n": int(n)}
+
+
+# --- saving ------------------------------------------------------------------------------------------
+
+
+def export_pad_token_id(tokenizer: Any, model_config: Any) -> int | None:
+    """The ``pad_token_id`` to save in config.json (see "Interchange" in the module docstring):
+    None when the pad id is a stop token, so that plain transformers reads the final EOS."""
+    pad = tokenizer.pad_token_id
+    if pad is None or pad in chat.stop_token_ids(tokenizer, model_config):
+        return None
+    return int(pad)
+
+
+def _save_adapter(model: Any, target: Path) -> None:
+    """The LoRA adapter (and the trained score head) as a peft directory, written atomically."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        training.unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        models.replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
