@@ -41,12 +41,12 @@ smollm2: $(VENV)/.smollm2
 
 DEMO_RUN ?= runs/demo
 demo: install smollm2
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MODEL="$$($(PY) examples/smollm2_path.py)" RUN=$(DEMO_RUN) PYTHON=$(PY) \
+	PATH="$(abspath $(VENV))/bin:$$PATH" MODEL="$$($(PY) examples/smollm2_path.py)" RUN=$(DEMO_RUN) PYTHON=$(PY) \
 		bash examples/demo.sh
 
 TINY_RUN ?= runs/demo-tiny
 demo-tiny: install
 	$(PY) examples/make_tiny_model.py $(TINY_RUN)/base > /dev/null
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MODEL=$(TINY_RUN)/base RUN=$(TINY_RUN) PYTHON=$(PY) \
+	PATH="$(abspath $(VENV))/bin:$$PATH" MODEL=$(TINY_RUN)/base RUN=$(TINY_RUN) PYTHON=$(PY) \
 		SFT_EPOCHS=3 SFT_LR=3e-3 K=4 COLLECT_TOKENS=16 RM_LR=1e-3 RM_EPOCHS=2 PPO_STEPS=6 PPO_BATCH=16 \
 		PPO_TOKENS=16 PPO_LR=1e-4 EVAL_TOKENS=16 bash examples/demo.sh

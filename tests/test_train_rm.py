@@ -230,6 +230,31 @@ def test_pair_loss_margin_and_centering_by_hand():
     assert float(stats["accuracy"]) == 1.0
 
 
+def test_margin_zero_pairs_are_ties_pulled_together(tokenizer):
+    """rank-import --tie-pairs writes a tie as a pair with margin 0: no order is learnt from it."""
+    rows = [
+        records.parse_comparison({"prompt": "q", "chosen": "a", "rejected": "b", "group": "g", "margin": 1.5}),
+        records.parse_comparison({"prompt": "q", "chosen": "b", "rejected": "c", "group": "g", "margin": 0}),
+    ]
+    elements, stats = rm_data.build_elements(rows, rm_data.Encoder(tokenizer), 64)
+    assert stats.ties == 1 and elements[0].ties == (False, True)
+    batch = rm_data.collate(elements, tokenizer.pad_token_id)
+    assert batch.ties.tolist() == [False, True]
+    rewards = torch.tensor([2.0, 1.0, 0.0])  # a, b, c
+    loss, stats = train_rm.pair_loss(rewards, batch, use_margin=True)
+    ordered = math.log(1 + math.exp(-(1.0 - 1.5)))  # −log σ(r_a − r_b − 1.5)
+    tie = 0.5 * (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0)))  # −½[log σ(1) + log σ(−1)] = 0.8133
+    assert float(loss) == pytest.approx((ordered + tie) / 2)
+    assert float(stats["accuracy"]) == 1.0 and float(stats["margin_mean"]) == 1.0  # over the ordered pair only
+    equal = torch.tensor([0.5, 0.5], requires_grad=True)
+    tie_loss, _ = train_rm.pair_loss(
+        equal, rm_data.collate([rm_data.Element(((1,), (2,)), (0,), (1,), (0.0,), None, (True,))], 0)
+    )
+    assert float(tie_loss) == pytest.approx(math.log(2))
+    tie_loss.backward()
+    assert equal.grad.abs().max() == 0  # equal rewards are where a tie wants them
+
+
 # --- normalisation ----------------------------------------------------------------------------------
 
 

@@ -334,24 +334,33 @@ def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     margin: torch.Tensor | float | None = None,
+    ties: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley–Terry pairwise loss of a reward model (InstructGPT eq. 1; margin as in Llama 2).
 
     L = mean_i −log σ(r_c,i − r_r,i − margin_i). Examples: r_c = 1, r_r = 0 gives
     log(1 + e⁻¹) ≈ 0.31326; with margin 1 it gives log 2.
 
-    Stats (detached): `accuracy` = mean_i [r_c,i > r_r,i] (a tie counts as wrong),
-    `margin_mean` = mean_i (r_c,i − r_r,i).
+    ``ties`` (optional, (N,) bool) marks pairs judged equal (rank-import writes them with margin 0):
+    their term is −½[log σ(d_i) + log σ(−d_i)] with d = r_c − r_r, the likelihood of either order
+    at probability ½, smallest at d = 0 (log 2 there; 0.8133 at d = ±1); no margin applies to them.
 
-    Shapes: `chosen_rewards`, `rejected_rewards` (N,); `margin` a float or (N,) → 0-d loss.
+    Stats (detached): `accuracy` = mean_i [r_c,i > r_r,i] (a tie counts as wrong),
+    `margin_mean` = mean_i (r_c,i − r_r,i), both over the pairs that are not marked as ties.
+
+    Shapes: `chosen_rewards`, `rejected_rewards` (N,); `margin` a float or (N,); `ties` (N,) → 0-d loss.
     """
     diff = chosen_rewards - rejected_rewards  # (N,)
     logits = diff if margin is None else diff - margin
-    loss = -F.logsigmoid(logits).mean()
+    losses = -F.logsigmoid(logits)  # (N,)
+    if ties is not None:
+        losses = torch.where(ties, -0.5 * (F.logsigmoid(diff) + F.logsigmoid(-diff)), losses)
+    loss = losses.mean()
     with torch.no_grad():
+        ordered = torch.ones_like(diff, dtype=torch.bool) if ties is None else ~ties
         stats = {
-            "accuracy": (diff > 0).to(diff.dtype).mean(),
-            "margin_mean": diff.mean(),
+            "accuracy": masked_mean((diff > 0).to(diff.dtype), ordered),
+            "margin_mean": masked_mean(diff, ordered),
         }
     return loss, stats
 

@@ -13,6 +13,10 @@ Here a batch **element** is:
 * or one comparison without ``group`` (public prompt/chosen/rejected data): two sequences and
   one pair.
 
+A comparison whose ``margin`` is exactly 0 is a tie (rank-import writes ties that way, with
+``--tie-pairs``): it is kept as a pair flagged ``tie``, and the loss pulls its two rewards
+together instead of ordering them (`losses.bradley_terry_loss` with ``ties``).
+
 The pairs are kept as an explicit list instead of being rebuilt from tiers, because the pairs of
 a group need not form a consistent ranking (majority-aggregated pairs may even form a cycle); the
 loss is `losses.bradley_terry_loss` over rewards gathered at the winner and loser indices, which
@@ -79,6 +83,7 @@ class Element:
     losers: tuple[int, ...]
     margins: tuple[float, ...]  # per pair; 0.0 where the comparison had no margin
     group: str | None = None
+    ties: tuple[bool, ...] = ()  # per pair: judged equal (a margin of exactly 0); () = none
 
     @property
     def num_pairs(self) -> int:
@@ -98,6 +103,7 @@ class ElementStats:
     sequences: int = 0  # forward passes per epoch
     sequences_if_expanded: int = 0  # forward passes if every pair were its own example (2 per pair)
     dropped_too_long: int = 0  # pairs with a sequence longer than max_length
+    ties: int = 0  # pairs with margin 0: judged equal, trained towards equal rewards
 
 
 def build_elements(comparisons: Iterable[Comparison], encode: Encoder, max_length: int) -> tuple[list[Element], ElementStats]:
@@ -123,7 +129,7 @@ def build_elements(comparisons: Iterable[Comparison], encode: Encoder, max_lengt
     for group, members in order:
         index: dict[tuple[str, str], int] = {}  # (prompt, completion) content -> row in `sequences`
         sequences: list[tuple[int, ...]] = []
-        winners, losers, margins = [], [], []
+        winners, losers, margins, ties = [], [], [], []
         for c in members:
             chosen, rejected = encode(c.prompt, c.chosen), encode(c.prompt, c.rejected)
             if len(chosen) > max_length or len(rejected) > max_length:
@@ -137,10 +143,14 @@ def build_elements(comparisons: Iterable[Comparison], encode: Encoder, max_lengt
             winners.append(index[content_key(c.prompt), content_key(c.chosen)])
             losers.append(index[content_key(c.prompt), content_key(c.rejected)])
             margins.append(c.margin if c.margin is not None else 0.0)
+            ties.append(c.margin == 0.0)
         if not winners:
             continue
-        elements.append(Element(tuple(sequences), tuple(winners), tuple(losers), tuple(margins), group))
+        elements.append(
+            Element(tuple(sequences), tuple(winners), tuple(losers), tuple(margins), group, tuple(ties) if any(ties) else ())
+        )
         stats.pairs += len(winners)
+        stats.ties += sum(ties)
         stats.sequences += len(sequences)
         stats.sequences_if_expanded += 2 * len(winners)
     stats.elements = len(elements)
@@ -157,17 +167,18 @@ class Batch:
     winners: torch.Tensor  # (P,) row of the preferred completion of each pair
     losers: torch.Tensor  # (P,) row of the other one
     margins: torch.Tensor  # (P,) float
+    ties: torch.Tensor | None = None  # (P,) bool, or None when no pair of the batch is a tie
 
     @property
     def num_pairs(self) -> int:
         return self.winners.numel()
 
     def to(self, device: torch.device | str) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
         return Batch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.input_ids, self.attention_mask, self.winners, self.losers, self.margins)
-            )
+            *(move(t) for t in (self.input_ids, self.attention_mask, self.winners, self.losers, self.margins, self.ties))
         )
 
 
@@ -187,12 +198,14 @@ def collate(elements: Sequence[Element], pad_token_id: int) -> Batch:
     winners: list[int] = []
     losers: list[int] = []
     margins: list[float] = []
+    ties: list[bool] = []
     for element in elements:
         base = len(seqs)
         seqs.extend(element.sequences)
         winners.extend(base + i for i in element.winners)
         losers.extend(base + i for i in element.losers)
         margins.extend(element.margins)
+        ties.extend(element.ties or [False] * element.num_pairs)
     input_ids, attention_mask = right_pad(seqs, pad_token_id)
     return Batch(
         input_ids,
@@ -200,6 +213,7 @@ def collate(elements: Sequence[Element], pad_token_id: int) -> Batch:
         torch.tensor(winners, dtype=torch.long),
         torch.tensor(losers, dtype=torch.long),
         torch.tensor(margins, dtype=torch.float32),
+        torch.tensor(ties, dtype=torch.bool) if any(ties) else None,
     )
 
 

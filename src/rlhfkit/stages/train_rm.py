@@ -15,7 +15,9 @@ Loss (`losses.bradley_terry_loss`)
     L = mean over the pairs of a batch of −log σ(r_w − r_l − m), with m the pair's ``margin``
     under ``--use-margin`` (Llama 2) and 0 otherwise, plus ``--center-rewards-coef`` η times
     mean (r_w + r_l)² (Eisenstein et al. 2023, "Helping or Herding", eq. 2; the same term as TRL's
-    ``center_rewards_coefficient``), which pins the reward's offset near zero.
+    ``center_rewards_coefficient``), which pins the reward's offset near zero. A pair with margin
+    exactly 0 is a tie (rank-import ``--tie-pairs``): its term is −½[log σ(d) + log σ(−d)], which
+    pulls the two rewards together, and it is left out of accuracy and mean margin.
 
 Batching (`rlhfkit.rm_data`)
     Comparisons that share ``group`` (one ranking by one annotator, as rank-import writes them)
@@ -112,7 +114,7 @@ def pair_loss(
     Stats: those of `bradley_terry_loss` plus ``reward_mean``/``reward_std`` over the N rewards.
     """
     chosen, rejected = rewards[batch.winners], rewards[batch.losers]  # (P,), (P,)
-    loss, stats = bradley_terry_loss(chosen, rejected, batch.margins if use_margin else None)
+    loss, stats = bradley_terry_loss(chosen, rejected, batch.margins if use_margin else None, ties=batch.ties)
     if center_rewards_coef > 0:
         loss = loss + center_rewards_coef * ((chosen + rejected) ** 2).mean()
     with torch.no_grad():
@@ -488,25 +490,27 @@ def evaluate(
     use_margin: bool = False,
     dist: training.Dist = training.Dist(),
 ) -> dict[str, torch.Tensor]:
-    """Pairwise accuracy, mean reward difference (chosen − rejected) and loss over all held-out pairs.
+    """Pairwise accuracy and mean reward difference (chosen − rejected) over the held-out pairs that
+    are not ties, and the loss over all of them.
 
     Each rank scores its shard of the elements; the sums are added across ranks.
     """
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # pairs, correct, margin, loss
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # pairs, ordered pairs, correct, margin, loss
     mine = training.shard(elements, dist)
     for i in range(0, len(mine), batch_size):
-        batch = rm_data.collate(mine[i : i + batch_size], pad_token_id).to(device)
+        chunk = mine[i : i + batch_size]
+        batch = rm_data.collate(chunk, pad_token_id).to(device)
         with autocast():
             rewards = last_token_scores(model, batch.input_ids, batch.attention_mask).float()  # (N,)
         loss, stats = pair_loss(rewards, batch, use_margin=use_margin)
-        p = batch.num_pairs
-        sums += torch.stack(
-            [torch.tensor(float(p), device=device), stats["accuracy"] * p, stats["margin_mean"] * p, loss * p]
-        ).double()
+        p = sum(e.num_pairs for e in chunk)  # counted on the host
+        o = p - sum(sum(e.ties) for e in chunk)
+        counts = torch.tensor([p, o], dtype=torch.float64, device=device)
+        sums += torch.cat([counts, torch.stack([stats["accuracy"] * o, stats["margin_mean"] * o, loss * p]).double()])
     if dist.enabled:
         tdist.all_reduce(sums)
-    n = sums[0].clamp_min(1)
-    return {"rm/accuracy": sums[1] / n, "rm/margin": sums[2] / n, "loss/eval": sums[3] / n}
+    pairs, ordered = sums[0].clamp_min(1), sums[1].clamp_min(1)
+    return {"rm/accuracy": sums[2] / ordered, "rm/margin": sums[3] / ordered, "loss/eval": sums[4] / pairs}
 
 
 @torch.no_grad()
