@@ -25,6 +25,8 @@ update of each to DIR.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -55,10 +57,14 @@ def require_trl() -> None:
         )
 
 
-def build_models(work: Path, size: str, seed: int = 0) -> tuple[Path, Path]:
+def build_models(work: Path, size: str, seed: int = 0, vocab: int = 0) -> tuple[Path, Path]:
     """A Llama policy and a reward model (same backbone, random one-label head), saved as plain
     Hugging Face directories with the rlhfkit test tokenizer. Dropout is 0 in the config (TRL
-    trains in train mode, where transformers applies a config's attention dropout)."""
+    trains in train mode, where transformers applies a config's attention dropout).
+
+    ``vocab`` > 512 pads the embedding matrix beyond the tokenizer's 512 tokens (as real models pad
+    theirs), to give the output layer the weight it has in real models (SmolLM2: 49152 x 576);
+    ids past the tokenizer decode to nothing."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
@@ -67,7 +73,7 @@ def build_models(work: Path, size: str, seed: int = 0) -> tuple[Path, Path]:
     hidden, inter, layers, heads, kv = SIZES[size]
     tokenizer = make_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024, attention_dropout=0.0,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -155,13 +161,44 @@ def bench_trl(args, policy_dir: Path, rm_dir: Path, prompts: list[str], out: Pat
             if logs and "val/num_eos_tokens" in logs:
                 lengths.append(logs["val/num_eos_tokens"])
 
+    # TRL's time split, for comparison with rlhfkit's time/* metrics: its module-level generation,
+    # forward and reward functions, timed (no-grad calls = rollout phase; the rest = update)
+    from trl.experimental.ppo import ppo_trainer
+
+    split: dict[str, float] = {"generate": 0.0, "rollout_forward": 0.0}
+    originals = {name: getattr(ppo_trainer, name) for name in ("batch_generation", "forward", "get_reward")}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if name == "batch_generation":
+                    split["generate"] += time.perf_counter() - t0
+                elif not torch.is_grad_enabled():
+                    split["rollout_forward"] += time.perf_counter() - t0
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(ppo_trainer, name, timed(name, fn))
     trainer = PPOTrainer(
         args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
         value_model=value, train_dataset=dataset, eval_dataset=dataset, callbacks=[Clock()],
     )  # fmt: skip
-    trainer.train()
-    seconds = [b - a for a, b in zip(ends, ends[1:])][1:]  # without the warm-up update
-    return seconds, {"eos_tokens_per_update": statistics.mean(lengths) if lengths else 0.0}
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs on stdout; ours is the JSON result
+            trainer.train()
+    finally:
+        for name, fn in originals.items():
+            setattr(ppo_trainer, name, fn)
+    seconds = [b - a for a, b in itertools.pairwise(ends)][1:]  # without the warm-up update
+    updates = len(ends) - 1
+    phases = {f"time/{k}": v / updates for k, v in split.items()}  # mean per update, warm-up included
+    phases["time/update_and_rest"] = sum(b - a for a, b in itertools.pairwise(ends)) / updates - sum(phases.values())
+    phases["val/num_eos_tokens"] = statistics.mean(lengths) if lengths else 0.0
+    return seconds, phases
 
 
 def profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work: Path) -> None:
@@ -184,6 +221,7 @@ def profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (all Llama, vocabulary 512)")
+    parser.add_argument("--vocab", type=int, default=0, help="pad the model's vocabulary to this size (0 = the tokenizer's 512)")
     parser.add_argument("--batch-size", type=int, default=16, help="rollouts per update")
     parser.add_argument("--mini-batches", type=int, default=1, help="mini-batches (optimizer steps) per PPO epoch")
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -207,7 +245,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     try:
-        policy_dir, rm_dir = build_models(work, args.size, args.seed)
+        policy_dir, rm_dir = build_models(work, args.size, args.seed, args.vocab)
         prompts_file = work / "prompts.jsonl"
         prompts = write_prompts(prompts_file, 8 * args.batch_size, args.seed)
         times: dict[str, list[float]] = {"rlhfkit": [], "trl": []}
@@ -229,7 +267,7 @@ def main() -> None:
             "seconds_per_update": {k: [round(s, 4) for s in v] for k, v in times.items() if v},
             "median_seconds_per_update": {k: round(statistics.median(v), 4) for k, v in times.items() if v},
             "rlhfkit_phases_median_seconds": phases.get("rlhfkit", {}),
-            "trl": phases.get("trl", {}),
+            "trl_phases_mean_seconds": phases.get("trl", {}),
         }
         if times["rlhfkit"] and times["trl"]:
             result["speedup_rlhfkit_over_trl"] = round(statistics.median(times["trl"]) / statistics.median(times["rlhfkit"]), 3)

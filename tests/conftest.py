@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny models gain nothing from intra-op threads, and tests start subprocesses (CLI runs, torchrun
+# ranks) that would oversubscribe the cores; one thread each keeps the suite fast and predictable
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,7 +16,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from rlhfkit.testing import make_model, make_tokenizer, save_tiny_model  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -43,16 +43,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """PPO runs many small ops; on a shared 2-core machine two intra-op threads that wait on each
-    other make these tests several times slower than one (conftest sets 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def prompts_file(tmp_path):
     return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
@@ -275,6 +265,39 @@ def test_lora_keeps_the_reference_frozen_and_trains_only_adapters(tiny_llama_dir
         now, _, _ = policy_logprobs(models.policy, *args)
     assert torch.equal(ref, base_logprobs)  # the reference is the untouched base model
     assert not torch.allclose(now, base_logprobs, atol=1e-3)  # while the policy has moved
+
+
+def test_generation_in_several_calls_gives_the_same_rollouts(tiny_llama_dir, prompts_file, tmp_path):
+    """Each rollout samples from its own seed: --generation-batch-size changes memory, not samples."""
+    config = make_config(tiny_llama_dir, prompts_file, tmp_path / "out", stop=["x"])
+    models, _, items = setup(config)
+    batch_items, seeds = batch(items, config)
+    whole = ppo.generate(models, batch_items, seeds, config)
+    parts = ppo.generate(models, batch_items, seeds, ppo.dataclasses.replace(config, generation_batch_size=3))
+    assert whole.stopped.any() and not whole.stopped.all()  # some rows stopped at the stop string
+    for name in ("query", "query_mask", "response", "response_mask", "stopped"):
+        assert torch.equal(getattr(whole, name), getattr(parts, name)), name
+    torch.testing.assert_close(whole.logprobs, parts.logprobs)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_agree_with_autograd_of_the_plain_formula(temperature):
+    """The fused log-prob (forward, and its hand-written backward) against losses.logprobs_from_logits."""
+    from rlhfkit.losses import logprobs_from_logits
+    from rlhfkit.value import token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, dtype=torch.float64, generator=g).requires_grad_()
+    tokens = torch.randint(0, 50, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    ours = token_logprobs(logits, tokens, temperature)
+    (grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    plain = logprobs_from_logits(logits, tokens, temperature)
+    (plain_grad,) = torch.autograd.grad((plain * upstream).sum(), logits)
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(grad, plain_grad)
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(logits, tokens, temperature), ours)  # the rollout pass: same bits
 
 
 def test_prompt_order_is_a_function_of_the_step_and_sharded_by_rank():

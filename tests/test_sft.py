@@ -39,16 +39,6 @@ def write_demos(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread: two threads on two shared, busy cores spin against each
-    other (measured: a 30-step run took 13-27 s with two threads under load, 0.5 s with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory):
     return write_demos(tmp_path_factory.mktemp("data") / "demos.jsonl", 120)
@@ -116,16 +106,19 @@ def test_truncation_is_reported_not_silent(cli, tiny_llama_dir, demos, tmp_path)
 
 
 def test_packing_trains_on_fewer_longer_rows(cli, tiny_llama_dir, demos, tmp_path):
-    result = sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", tmp_path / "sft", "--packing", "--max-length", 128,
-                 "--batch-size", 4, "--epochs", 1, "--lr", 3e-3, "--log-every", 1)  # fmt: skip
+    val = write_demos(tmp_path / "val.jsonl", 12, seed=7)
+    result = sft(cli, "--model", tiny_llama_dir, "--data", demos, "--val-data", val, "--out", tmp_path / "sft", "--packing",
+                 "--max-length", 128, "--batch-size", 4, "--epochs", 1, "--lr", 3e-3, "--log-every", 1)  # fmt: skip
     stats = result["data"]["train"]
     assert stats["rows"] < stats["examples"] / 2
     assert result["train/steps"] == -(-stats["rows"] // 4)
+    assert result["data"]["val"]["examples"] == result["data"]["val"]["rows"] == 12  # held-out rows are never packed
+    assert result["eval/perplexity"] < result["eval/perplexity_initial"]
 
 
-def test_bf16_autocast_on_cpu(cli, tiny_llama_dir, demos, tmp_path):
+def test_bf16_autocast_and_gradient_checkpointing_on_cpu(cli, tiny_llama_dir, demos, tmp_path):
     out = tmp_path / "sft"
-    result = sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--max-steps", 2, "--bf16", "--max-length", 32)
+    result = sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--max-steps", 2, "--bf16", "--gradient-checkpointing", "--max-length", 32)
     info = json.loads((out / "rlhfkit.json").read_text())
     assert info["precision"] == {"weights": "float32", "bf16_autocast": True}
     assert 0 < result["loss/train"] < 100 and weights(out)["model.norm.weight"].dtype == torch.float32
@@ -137,7 +130,7 @@ def test_bf16_autocast_on_cpu(cli, tiny_llama_dir, demos, tmp_path):
 def test_gradient_accumulation_normalises_by_the_step_token_count(tokenizer):
     """batch 4 × accumulation 1 and batch 2 × accumulation 2 give the same gradient: the loss is
     the sum of token losses over the optimizer step / the number of labelled tokens in the step."""
-    from rlhfkit.stages.sft import accumulate_gradients
+    from rlhfkit.stages.sft import TokenNLL, accumulate_gradients
     from rlhfkit.testing import make_model
 
     texts = ["the cat is red.", "one two three four five six seven eight", "hi", "a dog and a bird on a tree"]
@@ -146,7 +139,7 @@ def test_gradient_accumulation_normalises_by_the_step_token_count(tokenizer):
     def grads(split):
         model = make_model(tokenizer, seed=3).eval()  # no dropout: both runs see the same function
         batches = [collate(examples[i:j], tokenizer.pad_token_id) for i, j in split]
-        nll, label_tokens, tokens = accumulate_gradients(model, batches, device=torch.device("cpu"), dist=Dist())
+        nll, label_tokens, tokens = accumulate_gradients(TokenNLL(model), batches, device=torch.device("cpu"), dist=Dist())
         assert label_tokens == sum(e.num_label_tokens for e in examples) and tokens == sum(len(e) for e in examples)
         return {n: p.grad.clone() for n, p in model.named_parameters()}, nll
 
@@ -162,6 +155,54 @@ def test_gradient_accumulation_normalises_by_the_step_token_count(tokenizer):
         (model(input_ids=batch.input_ids, labels=batch.labels).loss / 2).backward()
     naive = dict(model.named_parameters())["model.embed_tokens.weight"].grad  # (tied with lm_head)
     assert not torch.allclose(naive, one["model.embed_tokens.weight"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_layer_on_trained_positions_only_gives_the_full_loss_and_gradient(tokenizer, arch):
+    from rlhfkit.stages.sft import TokenNLL
+    from rlhfkit.testing import make_model
+
+    demos = [Demonstration(prompt="Name a color.", response="red"), Demonstration(text="one two three"),
+             Demonstration(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])]  # fmt: skip
+    batch = collate([encode_demonstration(tokenizer, d, 64) for d in demos], tokenizer.pad_token_id)
+    results = []
+    for selective in (True, False):
+        module = TokenNLL(make_model(tokenizer, arch=arch, seed=1).eval())
+        assert module.selective and module.check(batch)
+        module.selective = selective
+        nll = module(batch)
+        nll.backward()
+        results.append((nll.detach(), {n: p.grad for n, p in module.model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_that_post_processes_its_logits_keeps_the_full_forward(tokenizer):
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from rlhfkit.stages.sft import TokenNLL
+    from rlhfkit.testing import make_model
+
+    batch = collate([encode_demonstration(tokenizer, Demonstration(text="the cat is red."), 64)], tokenizer.pad_token_id)
+    # known from the config: Gemma 2 soft-caps its logits
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)  # fmt: skip
+    assert not TokenNLL(AutoModelForCausalLM.from_config(config)).selective
+    # found by the check: a forward that rescales the logits
+    model = make_model(tokenizer).eval()
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    model.forward = scaled
+    module = TokenNLL(model)
+    assert module.selective and not module.check(batch) and not module.selective
+    torch.testing.assert_close(module(batch), module.full(batch))
 
 
 def test_batch_4_equals_batch_2_with_accumulation_2(cli, no_dropout_dir, demos, tmp_path):
@@ -282,11 +323,19 @@ def test_errors_are_one_line(cli, tiny_llama_dir, demos, tmp_path):
     assert "--data is required" in _error(cli("sft", *base))
     assert "give one or the other" in _error(cli("sft", *base, "--data", demos, "--val-data", demos, "--val-fraction", 0.1))
     assert "--save-adapter needs --lora" in _error(cli("sft", *base, "--data", demos, "--save-adapter"))
-    assert "--schedule" in _error(cli("sft", *base, "--data", demos, "--schedule", "exp"))
+    assert "--max-length: must be at least 2" in _error(cli("sft", *base, "--data", demos, "--max-length", 1))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"prompt": "p", "response": 3}\n')
     assert f"{bad}:2: field 'response'" in _error(cli("sft", *base, "--data", bad))
     assert not (tmp_path / "x").exists()  # nothing written before the inputs were checked
+
+
+def test_options_from_a_config_file(cli, tiny_llama_dir, demos, tmp_path):
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {tiny_llama_dir}\ndata: {demos}\nmax-steps: 2\nlr: 0.001\nschedule: linear\nmax_length: 32\n")
+    result = sft(cli, "--config", config, "--out", tmp_path / "sft", "--lr", 0.002)  # the command line wins
+    info = json.loads((tmp_path / "sft" / "rlhfkit.json").read_text())
+    assert result["train/steps"] == 2 and info["config"]["lr"] == 0.002 and info["config"]["schedule"] == "linear"
 
 
 def test_out_is_never_overwritten_and_resume_refuses_changed_options(cli, tiny_llama_dir, demos, tmp_path):

@@ -250,7 +250,7 @@ def test_margin_zero_pairs_are_ties_pulled_together(tokenizer):
     tie_loss, _ = train_rm.pair_loss(
         equal, rm_data.collate([rm_data.Element(((1,), (2,)), (0,), (1,), (0.0,), None, (True,))], 0)
     )
-    assert float(tie_loss) == pytest.approx(math.log(2))
+    assert float(tie_loss.detach()) == pytest.approx(math.log(2))
     tie_loss.backward()
     assert equal.grad.abs().max() == 0  # equal rewards are where a tie wants them
 
@@ -362,20 +362,28 @@ def test_plain_transformers_gives_the_same_raw_scores(trained, tokenizer, tmp_pa
     assert ours[1] != pytest.approx(ours[2], abs=1e-3)  # the final EOS is what is scored
 
 
-def test_lora_trains_the_head_and_saves_a_merged_model_and_the_adapter(tmp_path, tiny_llama_dir, tokenizer):
-    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(30, seed=3))
+def test_lora_with_val_data_and_norm_samples(tmp_path, tiny_llama_dir, tokenizer):
+    """LoRA trains the adapters and the score head and saves a merged model (and the adapter);
+    --val-data is the held-out set; --norm-samples sets the normalisation."""
+    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(20, seed=3))
+    val_data = write_jsonl(tmp_path / "val.jsonl", preference_data(5, seed=4))
+    samples = write_jsonl(
+        tmp_path / "samples.jsonl",
+        [{"prompt_id": f"s{i}", "prompt": "Tell me about the sea.", "completions": [{"id": f"s{i}-{j}", "text": f"the sea {w}."} for j, w in enumerate(["is blue", "says thanks", "is long"])]} for i in range(2)],
+    )  # fmt: skip
     result = train_rm.run(
-        config(tiny_llama_dir, data, tmp_path / "rm", lora=True, lora_r=4, epochs=1, save_adapter=True, val_fraction=0.3)
-    )
+        config(tiny_llama_dir, data, tmp_path / "rm", lora=True, lora_r=4, epochs=1, save_adapter=True,
+               val_data=str(val_data), norm_samples=str(samples))
+    )  # fmt: skip
     out = tmp_path / "rm"
+    assert result["train"]["pairs"] == 80 and result["val"]["pairs"] == 20  # --val-data replaces the split
+    assert result["reward"]["source"] == str(samples) and result["reward"]["n"] == 6
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
     from safetensors.torch import load_file
 
     weights = load_file(str(out / "model.safetensors"))
     assert not any("lora" in k for k in weights) and "score.weight" in weights
-    comparisons = records.load(data, records.parse_comparison)
-    _, val = rm_data.split_by_prompt(list(comparisons), 0.3, seed=0)
-    elements, _ = rm_data.build_elements(val, rm_data.Encoder(tokenizer), 1024)
+    elements, _ = rm_data.build_elements(records.load(val_data, records.parse_comparison), rm_data.Encoder(tokenizer), 1024)
     merged = models.load_model(str(out), kind="reward").eval()
     again = train_rm.evaluate(merged, elements, batch_size=8, pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
     assert float(again["rm/margin"]) == pytest.approx(result["metrics"]["rm/margin"], rel=1e-4, abs=1e-6)

@@ -108,6 +108,7 @@ class SFTConfig(TrainConfig):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: bool | None = None  # bfloat16 autocast; None = on with --dtype auto on a GPU that supports it
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
     eval_every: int = 0  # held-out evaluation every N optimizer steps (0 = before and after training only)
     eval_batch_size: int = 16
     log_every: int = 10  # optimizer steps per metrics.jsonl line

@@ -190,9 +190,10 @@ def save_model_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         unwrapped = getattr(model, "module", model)  # DDP
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        with _quiet_transformers():
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         info.write(tmp / "rlhfkit.json", metrics or {}, **(extra or {}))
         for name in keep:
             if (out / name).exists() and not (tmp / name).exists():

@@ -113,14 +113,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # --- optimisation --------------------------------------------------------------------------------
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no decay."""
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no decay.
+
+    ``fused=True`` uses PyTorch's fused kernel (CPU and CUDA): one kernel for all parameters instead
+    of a loop over them (measured for SmolLM2-135M on one CPU thread: 0.06 s per step instead of 0.42 s).
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +18,12 @@ from rlhfkit.cli.common import (
     command,
 )
 from rlhfkit.config import SFTConfig
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
 
 INPUT = "Input and output"
 TRAINING = "Training"
@@ -36,7 +43,7 @@ def command(
     epochs: Annotated[int, typer.Option(help="Passes over the training data.", rich_help_panel=TRAINING)] = SFTConfig.epochs,
     max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps; overrides --epochs (0 = use --epochs).", rich_help_panel=TRAINING)] = SFTConfig.max_steps,
     lr: Annotated[float, typer.Option(help="Peak learning rate of AdamW (LoRA usually wants ~1e-4 to 2e-4).", rich_help_panel=TRAINING)] = SFTConfig.lr,
-    schedule: Annotated[str, typer.Option(help="Learning-rate decay after warmup: cosine, linear (both to 0) or constant.", rich_help_panel=TRAINING)] = SFTConfig.schedule,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warmup (cosine and linear end at 0).", rich_help_panel=TRAINING)] = SFTConfig.schedule,  # type: ignore[assignment]
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (0 = use --warmup-ratio).", rich_help_panel=TRAINING)] = SFTConfig.warmup_steps,
     warmup_ratio: Annotated[float, typer.Option(help="Warmup as a share of the total steps, when --warmup-steps is 0.", rich_help_panel=TRAINING)] = SFTConfig.warmup_ratio,
     batch_size: Annotated[int, typer.Option(help="Rows per micro-batch and device.", rich_help_panel=TRAINING)] = SFTConfig.batch_size,
@@ -47,6 +54,7 @@ def command(
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast with float32 weights. Default: on with --dtype auto on a GPU "
                                                                           "that supports it, off elsewhere. (--dtype bfloat16 trains bfloat16 weights instead.)",
                                                  rich_help_panel=TRAINING, show_default=False)] = SFTConfig.bf16,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations during the backward pass: less memory, more compute.", rich_help_panel=TRAINING)] = SFTConfig.gradient_checkpointing,
     max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are cut (the start is kept) and counted in the log and rlhfkit.json.", rich_help_panel=DATA)] = SFTConfig.max_length,
     packing: Annotated[bool, typer.Option(help="Pack short examples into rows of --max-length tokens; position ids restart at every example "
                                                "and attention stays within it.", rich_help_panel=DATA)] = SFTConfig.packing,

@@ -137,7 +137,7 @@ def command(
         int, typer.Option(help="Checkpoint every N optimizer steps (0 = only at the end).", rich_help_panel=RUN)
     ] = C.save_every,
     keep_checkpoints: Annotated[
-        int, typer.Option(help="How many of the newest checkpoints to keep.", rich_help_panel=RUN)
+        int, typer.Option(help="How many of the newest checkpoints to keep (0 = all).", rich_help_panel=RUN)
     ] = C.keep_checkpoints,
     log_every: Annotated[
         int, typer.Option(help="Write a metrics.jsonl line every N optimizer steps.", rich_help_panel=RUN)

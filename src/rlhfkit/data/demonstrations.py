@@ -27,7 +27,8 @@ Example (test tokenizer), ``{"prompt": "Hi", "response": "Yo"}``::
     input_ids  [ H   i   Y   o   <|im_end|> ]
     labels     [-100 -100 Y   o   <|im_end|> ]
 
-The model shifts internally: the logits at position t are scored against ``labels[t + 1]``.
+Labels are aligned with the input ids, as transformers expects; the loss shifts them: the logits at
+position t are scored against ``labels[t + 1]`` (`collate` precomputes those positions).
 """
 
 from __future__ import annotations
@@ -283,10 +284,13 @@ class Batch:
     position_ids: torch.Tensor | None  # (B, T), restarting at 0 for every packed example and the padding
     num_tokens: int  # real (non-pad) tokens
     num_label_tokens: int
+    target_index: torch.Tensor  # (N,) flat positions b*T + t whose next token is trained (N = num_label_tokens)
+    targets: torch.Tensor  # (N,) the token each of those positions must predict, labels[b, t + 1]
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), self.num_tokens, self.num_label_tokens)
+        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids), self.num_tokens, self.num_label_tokens,
+                     move(self.target_index), move(self.targets))  # fmt: skip
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
@@ -294,8 +298,10 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
 
     Example: rows ``[5, 6, 7]`` (labels ``[-100, 6, 7]``) and ``[8, 9]`` (``[-100, 9]``), pad 2::
 
-        input_ids  [[5, 6, 7], [8, 9, 2]]
-        labels     [[-100, 6, 7], [-100, 9, -100]]
+        input_ids     [[5, 6, 7], [8, 9, 2]]
+        labels        [[-100, 6, 7], [-100, 9, -100]]
+        target_index  [0, 1, 3]      (flat positions b*T + t that predict a trained token)
+        targets       [6, 7, 9]
 
     A packed row of lengths (2, 3) padded to 6 has position ids ``[0, 1, 0, 1, 2, 0]``.
     """
@@ -309,10 +315,15 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
         labels[row, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
         if position_ids is not None:
             position_ids[row] = torch.cat([torch.arange(n) for n in (*e.lengths, width - len(e))])
+    # the shifted view, computed here on the host so the device never has to count: position t predicts t + 1
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # (B*T,)
+    target_index = (next_labels != IGNORE_INDEX).nonzero().squeeze(1)
     return Batch(
         input_ids=input_ids,
         labels=labels,
         position_ids=position_ids,
         num_tokens=sum(len(e) for e in examples),
         num_label_tokens=sum(e.num_label_tokens for e in examples),
+        target_index=target_index,
+        targets=next_labels[target_index],
     )

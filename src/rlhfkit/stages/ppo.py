@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.config import PPOConfig
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -57,6 +57,7 @@ from rlhfkit.losses import (
 )
 from rlhfkit.training import Dist
 
+SINGLE = Dist()  # one process (no torchrun)
 VALUE_HEADS = ("separate", "policy")
 SCHEDULES = ("linear", "cosine", "constant")
 SAMPLES_FILE = "samples.jsonl"
@@ -224,7 +225,7 @@ class PtxFeed:
     The examples form one endless stream, reshuffled every epoch; rank r of w takes stream items
     r, r + w, ... so that the ranks see different examples."""
 
-    def __init__(self, examples: Sequence[Any], batch_size: int, seed: int, pad_token_id: int, dist: Dist = Dist()):
+    def __init__(self, examples: Sequence[Any], batch_size: int, seed: int, pad_token_id: int, dist: Dist = SINGLE):
         self.examples, self.batch_size, self.seed, self.pad_token_id, self.dist = list(examples), batch_size, seed, pad_token_id, dist
         self.position = 0  # examples consumed so far by each rank (checkpointed)
 
@@ -240,7 +241,7 @@ class PtxFeed:
         return collate(picked, self.pad_token_id).to(device)
 
 
-def load_ptx(config: PPOConfig, tokenizer: Any, micro_batch: int, dist: Dist = Dist()) -> tuple[PtxFeed | None, dict[str, Any]]:
+def load_ptx(config: PPOConfig, tokenizer: Any, micro_batch: int, dist: Dist = SINGLE) -> tuple[PtxFeed | None, dict[str, Any]]:
     if config.ptx_coef == 0 or not config.ptx_data:
         return None, {}  # γ = 0: no ptx forward at all, so the update is exactly PPO
     from rlhfkit.data import records
@@ -303,7 +304,7 @@ def _dropout_off(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype: torch.dtype, dist: Dist = Dist()) -> Models:
+def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype: torch.dtype, dist: Dist = SINGLE) -> Models:
     """Policy, reference, reward and critic, ready for `ppo_step`.
 
     Trainable models (policy, critic) and the reference keep float32 weights and run under
@@ -332,7 +333,7 @@ def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype:
             value_model = models.load_model(spec, "reward", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
         value_model = _dropout_off(value_model)
     if config.lora:
-        lora = dict(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
+        lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "target_modules": config.lora_target_modules}
         policy = _dropout_off(models.apply_lora(policy, kind="causal-lm", **lora))
         if value_model is not None:
             value_model = _dropout_off(models.apply_lora(value_model, kind="reward", **lora))
@@ -525,7 +526,7 @@ def ppo_update(
     config: PPOConfig,
     step: int,
     ptx: PtxFeed | None = None,
-    dist: Dist = Dist(),
+    dist: Dist = SINGLE,
 ) -> dict[str, Any]:
     """8. ``--ppo-epochs`` passes over shuffled mini-batches of ``exp``; one optimizer step per
     mini-batch, ``--grad-accum`` micro-batches each; 9. the PPO-ptx loss added to each.
@@ -585,11 +586,10 @@ def ppo_update(
                 "ratio_max": torch.stack(mb["ratio_max"]).max(),
             }
             minibatch_stats.append(summary)
-            if config.early_stop_kl is not None:
-                # a device sync per mini-batch, only when early stopping is asked for
-                if float(all_reduce_mean(summary["approxkl"], dist)) > config.early_stop_kl:
-                    stopped_early = True
-                    break
+            # a device sync per mini-batch, only when early stopping is asked for
+            if config.early_stop_kl is not None and float(all_reduce_mean(summary["approxkl"], dist)) > config.early_stop_kl:
+                stopped_early = True
+                break
         if stopped_early:
             break
     result: dict[str, Any] = {k: torch.stack(v).float().mean() for k, v in stats.items()}
@@ -613,31 +613,37 @@ def ppo_step(
     step: int,
     kl_coef: float,
     ptx: PtxFeed | None = None,
-    dist: Dist = Dist(),
+    dist: Dist = SINGLE,
 ) -> dict[str, Any]:
     """Phases 2-9 on one batch of prompts. Returns ``metrics`` (0-d tensors, before the
     cross-rank mean), ``update`` (`ppo_update`'s result), the tensors of the batch and the texts."""
     sz = sizes(config)
     timings = {}
+    device = next(models.core.parameters()).device
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # time the work, not the kernel launches (a sync per phase)
+        return time.perf_counter()
 
     # 2. generate
-    t0 = time.perf_counter()
+    t0 = clock()
     rollout = generate(models, items, seeds, config)
     texts = [rollout.completion_text(i, models.tokenizer, models.stop_token_ids) for i in range(len(items))]
     exp = Experience(rollout.query, rollout.query_mask, rollout.response, rollout.response_mask)
     mask = exp.response_mask
-    timings["time/generate"] = time.perf_counter() - t0
+    timings["time/generate"] = clock() - t0
 
     # 3. policy and reference log-probs (logits / temperature), values, in the first epoch's micro-batches
-    t0 = time.perf_counter()
+    t0 = clock()
     first_order = minibatch_order(config.seed, step, 0, sz.batch, mask.device)
     fwd = rollout_forward(models, exp, first_order, sz, config.temperature)
-    timings["time/forward"] = time.perf_counter() - t0
+    timings["time/forward"] = clock() - t0
 
     # 4. scores at the last real token (normalised, clipped; missing-EOS penalty)
-    t0 = time.perf_counter()
+    t0 = clock()
     scores, raw_scores = score(models, items, texts, rollout, config)
-    timings["time/score"] = time.perf_counter() - t0
+    timings["time/score"] = clock() - t0
 
     # 5.-7. KL-penalised per-token rewards, optional reward whitening, GAE, whitened advantages
     adv = compute_rewards_and_advantages(
@@ -647,9 +653,9 @@ def ppo_step(
     exp.logprobs, exp.values, exp.advantages, exp.returns = fwd["logprobs"], adv["values"], adv["advantages"], adv["returns"]
 
     # 8.-9. PPO epochs over shuffled mini-batches (+ PPO-ptx)
-    t0 = time.perf_counter()
+    t0 = clock()
     update = ppo_update(models, optimizer, exp, config, step, ptx, dist)
-    timings["time/update"] = time.perf_counter() - t0
+    timings["time/update"] = clock() - t0
 
     with torch.no_grad():
         valid = mask.bool()
@@ -657,7 +663,7 @@ def ppo_step(
         explained_variance = 1 - masked_var(adv["returns"] - adv["values"], valid) / masked_var(adv["returns"], valid).clamp_min(1e-12)
         metrics = {
             "objective/score": scores.mean(),
-            "objective/score_normalised": raw_scores.mean(),
+            "objective/rm_score": raw_scores.mean(),  # before --reward-clip and the missing-EOS penalty
             "objective/kl": kl_per_seq.mean(),
             "objective/non_score_reward": (-kl_coef * kl_per_seq).mean(),
             "objective/rlhf_reward": adv["rewards"].sum(1).mean(),
@@ -738,6 +744,7 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
         make_optimizer,
         make_scheduler,
         progress_bar,
+        read_metrics,
         save_checkpoint,
         seed_everything,
     )
@@ -781,7 +788,8 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
                             schedulers={"ppo": scheduler}, state=state, keep=config.keep_checkpoints)  # fmt: skip
         barrier(dist)
 
-    last: dict[str, float] = {}
+    # a resumed run that is already complete still reports (and records) its last metrics
+    last: dict[str, float] = (read_metrics(out) or [{}])[-1] if checkpoint is not None and dist.is_main else {}
     started = time.perf_counter()
     tokens_total = 0
     with progress_bar("ppo", total=config.steps, completed=start, enabled=dist.is_main) as bar:

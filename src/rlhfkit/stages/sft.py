@@ -14,7 +14,8 @@ The loop, one optimizer step at a time:
    DDP's gradient averaging divides out). The gradient is then the token mean over the optimizer
    step, whatever the split: batch 4 × accumulation 1, batch 2 × accumulation 2 and 2 ranks ×
    batch 2 give the same update (up to float rounding). The per-micro-batch mean that a plain
-   ``loss / grad_accum`` gives would weight a short example's tokens more than a long one's;
+   ``loss / grad_accum`` gives would weight a short example's tokens more than a long one's.
+   The output layer runs only where a token is trained (`TokenNLL`);
 4. clip the gradient norm, AdamW step, learning-rate schedule step;
 5. every ``--log-every`` steps a ``metrics.jsonl`` line (``loss/train`` = token mean over the
    window, ``lr``, ``train/grad_norm``, ``throughput/tokens_per_s``); every ``--eval-every`` steps,
@@ -55,7 +56,8 @@ from rlhfkit.provenance import RunInfo, to_jsonable
 
 ADAPTER_DIR = "adapter"
 # options that may change between a run and its --resume (the rest must match)
-RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "log_every", "device", "eval_batch_size")
+RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "log_every", "device", "eval_batch_size",
+                     "gradient_checkpointing")  # fmt: skip
 
 
 def run(config: SFTConfig) -> dict[str, Any] | None:
@@ -203,18 +205,18 @@ def _prepare_out(config: SFTConfig, dist: training.Dist) -> Path | None:
         raise ConfigError(f"--out {out}: exists and is not a directory")
     if config.resume:
         checkpoint = training.latest_checkpoint(out)
+        if checkpoint is None and out.is_dir() and any(out.iterdir()) and not _is_run_dir(out):
+            raise ConfigError(f"--out {out}: exists and is not a run directory of rlhfkit sft")
         if checkpoint is None and dist.is_main:
             console.print(f"[yellow]--resume: no checkpoint in {out}; starting from the beginning[/]")
-        if checkpoint is None and out.is_dir() and any(out.iterdir()) and not _only_run_files(out):
-            raise ConfigError(f"--out {out}: exists and is not a run directory of rlhfkit sft")
         return checkpoint
     if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        what = "holds an earlier run (pass --resume to continue it)" if _only_run_files(out) else "exists and is not empty"
+        what = "holds an earlier run (pass --resume to continue it)" if _is_run_dir(out) else "exists and is not empty"
         raise ConfigError(f"--out {out}: {what}; choose another directory or remove it")
     return None
 
 
-def _only_run_files(out: Path) -> bool:
+def _is_run_dir(out: Path) -> bool:
     return (out / "rlhfkit.json").is_file() or (out / training.CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
 
 
@@ -236,6 +238,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             console.print(text, highlight=False, soft_wrap=True)  # soft wrap: paths stay whole for grep
 
     resume_from = _prepare_out(config, dist)
+    training.barrier(dist)  # every rank has looked at --out before rank 0 writes into it
     resolved = to_jsonable(config)
     if resume_from is not None:
         training.check_resume_config(resume_from, resolved, ignore=RESUME_MAY_CHANGE)
@@ -257,18 +260,25 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     model = load_model(config.model, dtype=weights_dtype, device=device, trust_remote_code=config.trust_remote_code)
     if config.lora:
         model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
+    if config.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = RowSchedule(len(data.train), config, dist)
     total_steps = config.max_steps or config.epochs * schedule.steps_per_epoch
     warmup = config.warmup_steps or round(config.warmup_ratio * total_steps)
-    optimizer = training.make_optimizer(model, config.lr, config.weight_decay)
+    optimizer = training.make_optimizer(model, config.lr, config.weight_decay, fused=True if device.type in ("cpu", "cuda") else None)
     scheduler = training.make_scheduler(optimizer, config.schedule, warmup, total_steps)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "train_seconds": 0.0}
     if resume_from is not None:
         state.update(training.load_checkpoint(resume_from, modules={"model": model}, optimizers={"model": optimizer}, schedulers={"model": scheduler}))
         say(f"resuming from {resume_from} (step {state['step']})")
-    ddp_model = training.wrap_ddp(model, dist, device)
+    nll_model = TokenNLL(model)
+    probe = min(data.train[:16], key=len)  # a short row: the check costs two forward passes of it
+    if nll_model.selective and not nll_model.check(collate([probe], tokenizer.pad_token_id).to(device)):
+        say("[yellow]the output layer runs on every position (this model post-processes its logits)[/]")
+    ddp_model = training.wrap_ddp(nll_model, dist, device)
     metrics = training.MetricsLog(config.out, dist, resume_step=state["step"] if resume_from is not None else None)
     last: dict[str, Any] = {}
     initial: dict[str, float] = {}
@@ -282,7 +292,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def evaluate() -> dict[str, float]:
-        return evaluate_rows(model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dist, autocast)
+        return evaluate_rows(nll_model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dist, autocast)
 
     def checkpoint() -> None:
         if dist.is_main:
@@ -360,9 +370,67 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     return {"out": str(config.out), **summary, "data": data_report}
 
 
+# config fields of models whose forward transforms the output layer's logits (Gemma 2/3, Cohere, Granite, ...)
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling")
+
+
+class TokenNLL(torch.nn.Module):
+    """The model and its loss as one module (what DDP wraps): batch -> Σ next-token NLL over the
+    trained positions.
+
+    The output layer runs only at the positions whose next token is trained (``batch.target_index``):
+    the backbone's hidden states are gathered there first, so prompt, padding and untrained chat
+    tokens cost no vocabulary projection and no softmax — for prompt/response data with a large
+    vocabulary that is a sizeable share of the step, and the (B, T, V) logits are never built.
+    The same idea as TRL's ``chunked_nll`` loss. A model whose forward does more than
+    ``output_layer(backbone(x))`` (logit scaling or soft-capping, known from its config, or any
+    other difference that `check` finds on the first batch) keeps the full forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters live in the module tree
+        backbone = getattr(inner, "base_model", None)
+        head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        # a plain tuple: not registered as submodules, so DDP and state_dict see every parameter once
+        self._parts = (backbone, head) if backbone is not None and backbone is not inner and head is not None else None
+        config = inner.config.get_text_config() if hasattr(getattr(inner, "config", None), "get_text_config") else getattr(inner, "config", None)
+        if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING):
+            self._parts = None
+        self.selective = self._parts is not None
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        if not self.selective:
+            return self.full(batch)
+        backbone, head = self._parts  # type: ignore[misc]
+        hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        logits = head(hidden.flatten(0, 1).index_select(0, batch.target_index))  # (N, V)
+        return torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum")
+
+    def full(self, batch: Batch) -> torch.Tensor:
+        logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits  # (B, T, V)
+        nll_sum, _ = lm_loss(logits, batch.labels, normalizer=1.0)
+        return nll_sum
+
+    @torch.no_grad()
+    def check(self, batch: Batch) -> bool:
+        """Use the selective output layer only if it gives the model's own numbers (dropout off, float32)."""
+        if not self.selective:
+            return False
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.selective = bool(torch.allclose(self.forward(batch), self.full(batch), rtol=1e-4, atol=1e-4))
+        finally:
+            self.model.train(was_training)
+        return self.selective
+
+
 def accumulate_gradients(model: Any, batches: list[Batch], *, device: torch.device, dist: training.Dist, autocast: Any = contextlib.nullcontext) -> tuple[torch.Tensor, int, int]:
     """Steps 2 and 3 of one optimizer step: forward and backward every micro-batch, with the loss
     normalised by the labelled-token count of the whole step (all micro-batches, all ranks).
+    ``model`` is a `TokenNLL` (DDP-wrapped under torchrun).
 
     Returns (this rank's NLL sum, detached; labelled tokens and real tokens of the step, all ranks).
     """
@@ -377,16 +445,16 @@ def accumulate_gradients(model: Any, batches: list[Batch], *, device: torch.devi
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         with training.no_sync(model, skip=i < len(batches) - 1), autocast():
-            logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits  # (B, T, V)
-            loss, stats = lm_loss(logits, batch.labels, normalizer)
-            loss.backward()
-        nll += stats["nll_sum"]
+            nll_sum = model(batch)  # Σ token NLL of this micro-batch
+            (nll_sum / normalizer).backward()
+        nll += nll_sum.detach()
     return nll, label_tokens, tokens
 
 
 @torch.no_grad()
 def evaluate_rows(model: Any, rows: list[Example], batch_size: int, pad_token_id: int, device: torch.device, dist: training.Dist, autocast: Any) -> dict[str, float]:
-    """``loss/eval`` (token-mean NLL over all held-out rows, all ranks) and ``eval/perplexity`` = exp of it."""
+    """``loss/eval`` (token-mean NLL over all held-out rows, all ranks) and ``eval/perplexity`` = exp of it.
+    ``model`` is a `TokenNLL`."""
     was_training = model.training
     model.eval()
     mine = sorted(training.shard(rows, dist), key=len)  # similar lengths together: less padding
@@ -394,9 +462,7 @@ def evaluate_rows(model: Any, rows: list[Example], batch_size: int, pad_token_id
     for start in range(0, len(mine), batch_size):
         batch = collate(mine[start : start + batch_size], pad_token_id).to(device)
         with autocast():
-            logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-        _, stats = lm_loss(logits, batch.labels)
-        totals[0] += stats["nll_sum"]
+            totals[0] += model(batch)
         totals[1] += batch.num_label_tokens
     if dist.enabled:
         tdist.all_reduce(totals)
@@ -419,4 +485,4 @@ def _save_adapter(model: Any, out: Path) -> None:
         raise
 
 
-__all__ = ["run", "validate_config", "load_data", "accumulate_gradients", "evaluate_rows", "RowSchedule"]
+__all__ = ["run", "validate_config", "load_data", "TokenNLL", "accumulate_gradients", "evaluate_rows", "RowSchedule"]

@@ -131,11 +131,21 @@ def check_options(config: TrainRMConfig) -> None:
     for name in ("model", "data", "out"):
         if not getattr(config, name):
             raise ConfigError(f"--{name} is required")
-    positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "lora_r")
+    positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "lora_r")
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "weight_decay", "max_grad_norm", "center_rewards_coef"):
+    non_negative = (
+        "max_steps",
+        "warmup_steps",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "weight_decay",
+        "max_grad_norm",
+        "center_rewards_coef",
+    )
+    for name in non_negative:
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not config.lr > 0:
