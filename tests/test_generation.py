@@ -50,10 +50,8 @@ def test_rows_depend_only_on_their_seed(tiny_llama, tokenizer):
 def test_stop_token_ends_the_row_and_is_masked_after(tiny_llama, tokenizer):
     """Force an EOS early by making it the only likely token; everything after is masked padding."""
     eos = tokenizer.eos_token_id
-    with torch.no_grad():
-        tiny_llama.lm_head.weight  # tied with the embeddings
-        bias = torch.zeros(len(tokenizer))
-        bias[eos] = 50.0
+    bias = torch.zeros(len(tokenizer))
+    bias[eos] = 50.0
     handle = tiny_llama.lm_head.register_forward_hook(lambda m, i, o: o + bias)
     try:
         r = sample(tiny_llama, _prompts(tokenizer), max_new_tokens=5, stop_token_ids=[eos], pad_token_id=eos, seeds=[0, 1, 2])

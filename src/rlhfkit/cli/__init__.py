@@ -9,12 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from rlhfkit import __version__
-from rlhfkit.cli import rank_import, validate
-from rlhfkit.cli import train_rm
-from rlhfkit.cli import sft
+from rlhfkit.cli import collect, ppo, rank_import, sft, train_rm, validate
 from rlhfkit.cli import eval as eval_cmd
-from rlhfkit.cli import ppo
-from rlhfkit.cli import collect
 from rlhfkit.cli.common import GENERAL, config_defaults, fail, set_debug
 from rlhfkit.errors import RlhfkitError
 

@@ -12,13 +12,13 @@ import functools
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import click
+import tomllib
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -114,6 +114,28 @@ DeviceOption = Annotated[Device, typer.Option(help="auto = CUDA if present, else
 DTypeOption = Annotated[DType, typer.Option(help="auto = bfloat16 on a GPU that supports it, else float32.", rich_help_panel=GENERAL)]
 SkipInvalidOption = Annotated[bool, typer.Option(help="Skip and count invalid records instead of stopping.", rich_help_panel=GENERAL)]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow model code from the model's directory or hub repo.", rich_help_panel=GENERAL)]
+
+
+# --- option aliases shared by the training commands (sft, train-rm, ppo) ---------------------------
+
+RUN_PANEL = "Checkpoints and logging"
+LORA_PANEL = "LoRA"
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+ResumeOption = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out (the same options are required).", rich_help_panel=RUN_PANEL)]
+KeepCheckpointsOption = Annotated[int, typer.Option(help="Keep the newest N checkpoints (0 = all).", rich_help_panel=RUN_PANEL)]
+LogEveryOption = Annotated[int, typer.Option(help="Optimizer steps per metrics.jsonl line.", rich_help_panel=RUN_PANEL)]
+LoraROption = Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=LORA_PANEL)]
+LoraAlphaOption = Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).", rich_help_panel=LORA_PANEL)]
+LoraDropoutOption = Annotated[float, typer.Option(help="Dropout on the LoRA path.", rich_help_panel=LORA_PANEL)]
+LoraTargetModulesOption = Annotated[str, typer.Option(help="all-linear, or comma-separated module names (q_proj,v_proj).", rich_help_panel=LORA_PANEL)]
+SaveAdapterOption = Annotated[bool, typer.Option(help="Also save the LoRA adapter alone in OUT/adapter/ (peft format).", rich_help_panel=LORA_PANEL)]
 
 
 # --- running a stage -----------------------------------------------------------------------------

@@ -12,6 +12,13 @@ from rlhfkit.cli.common import (
     ConfigOption,
     DeviceOption,
     DTypeOption,
+    KeepCheckpointsOption,
+    LoraAlphaOption,
+    LoraROption,
+    LoraTargetModulesOption,
+    ResumeOption,
+    SaveAdapterOption,
+    Schedule,
     SeedOption,
     SkipInvalidOption,
     TrustRemoteCodeOption,
@@ -35,11 +42,6 @@ class KLEstimator(str, Enum):
     k2 = "k2"
     k3 = "k3"
 
-
-class Schedule(str, Enum):
-    linear = "linear"
-    cosine = "cosine"
-    constant = "constant"
 
 
 @command
@@ -85,16 +87,16 @@ def command(
     ptx_coef: Annotated[float, typer.Option(help="γ, the weight of the PPO-ptx loss (0 = off).", rich_help_panel=PTX)] = C.ptx_coef,
     ptx_batch_size: Annotated[int, typer.Option(help="PPO-ptx sequences per micro-batch (0 = the micro-batch size).", rich_help_panel=PTX)] = C.ptx_batch_size,
     ptx_max_length: Annotated[int, typer.Option(help="Cut PPO-ptx sequences to this many tokens.", rich_help_panel=PTX)] = C.ptx_max_length,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out (with the same options).", rich_help_panel=RUN)] = C.resume,
+    resume: ResumeOption = C.resume,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N PPO steps (0 = only at the end).", rich_help_panel=RUN)] = C.save_every,
-    keep_checkpoints: Annotated[int, typer.Option(help="How many of the newest checkpoints to keep.", rich_help_panel=RUN)] = C.keep_checkpoints,
+    keep_checkpoints: KeepCheckpointsOption = C.keep_checkpoints,
     sample_every: Annotated[int, typer.Option(help="Print a table of samples and append them to OUT/samples.jsonl every N steps (0 = never).", rich_help_panel=RUN)] = C.sample_every,
     num_samples: Annotated[int, typer.Option(help="Rows in each sample table.", rich_help_panel=RUN)] = C.num_samples,
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters; the reference is the same backbone with the adapter off. The saved policy is merged.", rich_help_panel=LORA)] = C.lora,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=LORA)] = C.lora_r,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).", rich_help_panel=LORA)] = C.lora_alpha,
-    lora_target_modules: Annotated[str, typer.Option(help="all-linear, or comma-separated module names.", rich_help_panel=LORA)] = C.lora_target_modules,
-    save_adapter: Annotated[bool, typer.Option(help="Also save the policy's LoRA adapter (peft format) in OUT/adapter.", rich_help_panel=LORA)] = C.save_adapter,
+    lora_r: LoraROption = C.lora_r,
+    lora_alpha: LoraAlphaOption = C.lora_alpha,
+    lora_target_modules: LoraTargetModulesOption = C.lora_target_modules,
+    save_adapter: SaveAdapterOption = C.save_adapter,
     seed: SeedOption = C.seed,
     device: DeviceOption = C.device,
     dtype: DTypeOption = C.dtype,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,18 +11,21 @@ from rlhfkit.cli.common import (
     ConfigOption,
     DeviceOption,
     DTypeOption,
+    KeepCheckpointsOption,
+    LogEveryOption,
+    LoraAlphaOption,
+    LoraDropoutOption,
+    LoraROption,
+    LoraTargetModulesOption,
+    ResumeOption,
+    SaveAdapterOption,
+    Schedule,
     SeedOption,
     SkipInvalidOption,
     TrustRemoteCodeOption,
     command,
 )
 from rlhfkit.config import SFTConfig
-
-class Schedule(str, Enum):
-    cosine = "cosine"
-    linear = "linear"
-    constant = "constant"
-
 
 INPUT = "Input and output"
 TRAINING = "Training"
@@ -63,15 +65,15 @@ def command(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N optimizer steps (0 = before and after training only).", rich_help_panel=EVAL)] = SFTConfig.eval_every,
     eval_batch_size: Annotated[int, typer.Option(help="Rows per evaluation batch.", rich_help_panel=EVAL)] = SFTConfig.eval_batch_size,
     lora: Annotated[bool, typer.Option(help="Train LoRA adapters (peft) instead of every weight; the merged model is saved.", rich_help_panel=LORA)] = SFTConfig.lora,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=LORA)] = SFTConfig.lora_r,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).", rich_help_panel=LORA)] = SFTConfig.lora_alpha,
-    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA path.", rich_help_panel=LORA)] = SFTConfig.lora_dropout,
-    lora_target_modules: Annotated[str, typer.Option(help="all-linear, or comma-separated module names (q_proj,v_proj).", rich_help_panel=LORA)] = SFTConfig.lora_target_modules,
-    save_adapter: Annotated[bool, typer.Option(help="Also save the adapter alone in OUT/adapter/ (peft format).", rich_help_panel=LORA)] = SFTConfig.save_adapter,
+    lora_r: LoraROption = SFTConfig.lora_r,
+    lora_alpha: LoraAlphaOption = SFTConfig.lora_alpha,
+    lora_dropout: LoraDropoutOption = SFTConfig.lora_dropout,
+    lora_target_modules: LoraTargetModulesOption = SFTConfig.lora_target_modules,
+    save_adapter: SaveAdapterOption = SFTConfig.save_adapter,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps (0 = only at the end).", rich_help_panel=RUN)] = SFTConfig.save_every,
-    keep_checkpoints: Annotated[int, typer.Option(help="Keep the newest N checkpoints.", rich_help_panel=RUN)] = SFTConfig.keep_checkpoints,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out (same options required).", rich_help_panel=RUN)] = SFTConfig.resume,
-    log_every: Annotated[int, typer.Option(help="Optimizer steps per metrics.jsonl line.", rich_help_panel=RUN)] = SFTConfig.log_every,
+    keep_checkpoints: KeepCheckpointsOption = SFTConfig.keep_checkpoints,
+    resume: ResumeOption = SFTConfig.resume,
+    log_every: LogEveryOption = SFTConfig.log_every,
     seed: SeedOption = SFTConfig.seed,
     device: DeviceOption = SFTConfig.device,  # type: ignore[assignment]
     dtype: DTypeOption = SFTConfig.dtype,  # type: ignore[assignment]

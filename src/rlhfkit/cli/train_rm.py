@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +11,15 @@ from rlhfkit.cli.common import (
     ConfigOption,
     DeviceOption,
     DTypeOption,
+    KeepCheckpointsOption,
+    LogEveryOption,
+    LoraAlphaOption,
+    LoraDropoutOption,
+    LoraROption,
+    LoraTargetModulesOption,
+    ResumeOption,
+    SaveAdapterOption,
+    Schedule,
     SeedOption,
     SkipInvalidOption,
     TrustRemoteCodeOption,
@@ -22,11 +30,6 @@ from rlhfkit.config import TrainRMConfig as C
 
 DATA, TRAIN, EVAL, NORM, RUN, LORA = "Model and data", "Training", "Held-out evaluation", "Normalisation", "Run directory", "LoRA"
 
-
-class Schedule(str, Enum):
-    linear = "linear"
-    cosine = "cosine"
-    constant = "constant"
 
 
 @command
@@ -130,18 +133,12 @@ def command(
             rich_help_panel=NORM,
         ),
     ] = C.norm_samples,
-    resume: Annotated[
-        bool, typer.Option(help="Continue from the newest checkpoint in --out (with the same options).", rich_help_panel=RUN)
-    ] = C.resume,
+    resume: ResumeOption = C.resume,
     save_every: Annotated[
         int, typer.Option(help="Checkpoint every N optimizer steps (0 = only at the end).", rich_help_panel=RUN)
     ] = C.save_every,
-    keep_checkpoints: Annotated[
-        int, typer.Option(help="How many of the newest checkpoints to keep (0 = all).", rich_help_panel=RUN)
-    ] = C.keep_checkpoints,
-    log_every: Annotated[
-        int, typer.Option(help="Write a metrics.jsonl line every N optimizer steps.", rich_help_panel=RUN)
-    ] = C.log_every,
+    keep_checkpoints: KeepCheckpointsOption = C.keep_checkpoints,
+    log_every: LogEveryOption = C.log_every,
     lora: Annotated[
         bool,
         typer.Option(
@@ -149,15 +146,11 @@ def command(
             rich_help_panel=LORA,
         ),
     ] = C.lora,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=LORA)] = C.lora_r,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).", rich_help_panel=LORA)] = C.lora_alpha,
-    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input.", rich_help_panel=LORA)] = C.lora_dropout,
-    lora_target_modules: Annotated[
-        str, typer.Option(help="all-linear, or comma-separated module names.", rich_help_panel=LORA)
-    ] = C.lora_target_modules,
-    save_adapter: Annotated[
-        bool, typer.Option(help="Also save the LoRA adapter (peft format) in OUT/adapter.", rich_help_panel=LORA)
-    ] = C.save_adapter,
+    lora_r: LoraROption = C.lora_r,
+    lora_alpha: LoraAlphaOption = C.lora_alpha,
+    lora_dropout: LoraDropoutOption = C.lora_dropout,
+    lora_target_modules: LoraTargetModulesOption = C.lora_target_modules,
+    save_adapter: SaveAdapterOption = C.save_adapter,
     seed: SeedOption = C.seed,
     device: DeviceOption = C.device,
     dtype: DTypeOption = C.dtype,

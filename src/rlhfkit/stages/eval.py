@@ -194,7 +194,7 @@ def rm_accuracy(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
     ``(RM score of the judge's winner, RM score of its loser)``; an RM tie counts ½."""
     if not pairs:
         return {"accuracy": None, "pairs": 0}
-    return {"accuracy": sum(outcome(w, l) for w, l in pairs) / len(pairs), "pairs": len(pairs)}
+    return {"accuracy": sum(outcome(winner, loser) for winner, loser in pairs) / len(pairs), "pairs": len(pairs)}
 
 
 def best_of_kl(n: int) -> float:

@@ -103,9 +103,10 @@ def judgement_pairs(judgement: Judgement, score_margin: bool) -> list[Pair]:
     group = _group(judgement.prompt_id, judgement.annotator)
     scores = judgement.scores if score_margin else None
     pairs = []
-    for w, l in expand_ranking(judgement.ordered_tiers()):
-        margin = scores[ids[w]] - scores[ids[l]] if scores and ids[w] in scores and ids[l] in scores else None
-        pairs.append(Pair(judgement.prompt_id, ids[w], ids[l], group, judgement.annotator, margin))
+    for winner, loser in expand_ranking(judgement.ordered_tiers()):
+        w, lo = ids[winner], ids[loser]
+        margin = scores[w] - scores[lo] if scores and w in scores and lo in scores else None
+        pairs.append(Pair(judgement.prompt_id, w, lo, group, judgement.annotator, margin))
     for a, b in judgement.tied_couples():
         pairs.append(Pair(judgement.prompt_id, a, b, group, judgement.annotator, 0.0, tie=True))
     return pairs
