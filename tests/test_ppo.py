@@ -250,7 +250,7 @@ def test_lora_keeps_the_reference_frozen_and_trains_only_adapters(tiny_llama_dir
     items8, seeds = batch(items, config)
     rollout = ppo.generate(models, items8, seeds, config)
     args = (rollout.query, rollout.query_mask, rollout.response, rollout.response_mask)
-    from rlhfkit.value import policy_logprobs
+    from rlhfkit.generation import policy_logprobs
 
     with torch.no_grad():
         base_logprobs, _, _ = policy_logprobs(base, *args)
@@ -282,22 +282,22 @@ def test_generation_in_several_calls_gives_the_same_rollouts(tiny_llama_dir, pro
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_agree_with_autograd_of_the_plain_formula(temperature):
-    """The fused log-prob (forward, and its hand-written backward) against losses.logprobs_from_logits."""
+    """The fused log-prob (forward, and its hand-written backward) against autograd of z_y − logsumexp(z)."""
     from rlhfkit.losses import logprobs_from_logits
-    from rlhfkit.value import token_logprobs
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 50, dtype=torch.float64, generator=g).requires_grad_()
     tokens = torch.randint(0, 50, (3, 5), generator=g)
     upstream = torch.randn(3, 5, dtype=torch.float64, generator=g)
-    ours = token_logprobs(logits, tokens, temperature)
+    ours = logprobs_from_logits(logits, tokens, temperature)
     (grad,) = torch.autograd.grad((ours * upstream).sum(), logits)
-    plain = logprobs_from_logits(logits, tokens, temperature)
+    z = logits / temperature
+    plain = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
     (plain_grad,) = torch.autograd.grad((plain * upstream).sum(), logits)
     torch.testing.assert_close(ours, plain)
     torch.testing.assert_close(grad, plain_grad)
     with torch.no_grad():
-        assert torch.equal(token_logprobs(logits, tokens, temperature), ours)  # the rollout pass: same bits
+        assert torch.equal(logprobs_from_logits(logits, tokens, temperature), ours)  # the rollout pass: same bits
 
 
 def test_prompt_order_is_a_function_of_the_step_and_sharded_by_rank():

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.losses import entropy_from_logits, logprobs_from_logits
+from rlhfkit.losses import _scaled, entropy_from_logits, logprobs_from_logits
 
 
 @dataclass
@@ -212,6 +212,49 @@ def _stop_string_hits(tokens, lengths, already, stop_strings, tokenizer, stop_te
     return hits
 
 
+def policy_logprobs(
+    policy: Any,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    response: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+    with_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(logprobs, entropy, hidden) of ``response`` after ``query``: one forward over prompt +
+    response, the output layer only at the T positions that predict response tokens, logits divided
+    by the temperature; plus the last hidden states (B, T, H) at those positions for a value head.
+
+    The policy, the reference and the training step all go through this one function, so that
+    equal weights give bit-equal log-probs (KL exactly 0, first ratio exactly 1).
+    """
+    T = response.size(1)
+    input_ids = torch.cat([query, response], dim=1)  # (B, P+T)
+    attention = torch.cat([query_mask, response_mask], dim=1)
+    L = input_ids.size(1)
+    out = policy(
+        input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention),
+        # the output layer only at the T positions P-1 .. P+T-2 that predict the response tokens
+        logits_to_keep=torch.arange(L - T - 1, L - 1, device=input_ids.device), output_hidden_states=with_hidden,
+    )  # fmt: skip
+    logits = out.logits.float()  # (B, T, V): position P-1+t predicts response[t]
+    entropy = None
+    if with_entropy and not torch.is_grad_enabled():
+        # the rollout pass: one log-softmax gives both (the same ops as `logprobs_from_logits`, so the same bits)
+        log_softmax = torch.log_softmax(_scaled(logits, temperature), dim=-1)  # (B, T, V)
+        logprobs = log_softmax.gather(-1, response.unsqueeze(-1)).squeeze(-1) * response_mask
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1) * response_mask
+    else:
+        logprobs = logprobs_from_logits(logits, response, temperature) * response_mask
+        if with_entropy:
+            with torch.no_grad():
+                entropy = entropy_from_logits(_scaled(logits, temperature)) * response_mask
+    hidden = out.hidden_states[-1][:, -T - 1 : -1] if with_hidden else None  # (B, T, H)
+    return logprobs, entropy, hidden
+
+
 def sequence_logprobs(
     model: Any,
     query: torch.Tensor,
@@ -222,13 +265,6 @@ def sequence_logprobs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of ``response`` after ``query`` under ``logits / temperature`` (and the
-    per-token entropy when asked). One forward pass over prompt + response; only the T logits
-    that predict response tokens are materialised (``logits_to_keep``). Masked positions are 0."""
-    T = response.size(1)
-    input_ids = torch.cat([query, response], dim=1)  # (B, P+T)
-    attention = torch.cat([query_mask, response_mask], dim=1)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention), logits_to_keep=T + 1)
-    logits = out.logits[:, :-1, :].float() / temperature  # (B, T, V): position P-1+t predicts response[t]
-    logprobs = logprobs_from_logits(logits, response) * response_mask
-    entropy = entropy_from_logits(logits) * response_mask if with_entropy else None
+    per-token entropy when asked); masked positions are 0. See `policy_logprobs`."""
+    logprobs, entropy, _ = policy_logprobs(model, query, query_mask, response, response_mask, temperature, with_entropy=with_entropy)
     return logprobs, entropy

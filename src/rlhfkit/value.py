@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfkit.generation import position_ids_from_mask
-from rlhfkit.losses import entropy_from_logits, lm_loss
+from rlhfkit.generation import policy_logprobs, position_ids_from_mask
+from rlhfkit.losses import lm_loss
+from rlhfkit.scoring import classifier_parts
 
 
 class ValueHead(nn.Module):
@@ -51,16 +52,10 @@ def hidden_size(model: Any) -> int:
     return int(size)
 
 
-def _classifier_parts(model: Any) -> tuple[Any, nn.Module]:
-    from rlhfkit.scoring import _parts
-
-    return _parts(model)
-
-
 def response_values(value_model: Any, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Values (B, T) of a separate value model at the positions that predict each response token;
     0 at masked positions. Only those T hidden states go through the head."""
-    backbone, head = _classifier_parts(value_model)
+    backbone, head = classifier_parts(value_model)
     T = response.size(1)
     input_ids = torch.cat([query, response], dim=1)  # (B, P+T)
     attention = torch.cat([query_mask, response_mask], dim=1)
@@ -112,91 +107,6 @@ class ActorCritic(nn.Module):
         if ptx is not None:
             out["ptx_loss"] = ptx_loss(self.policy, ptx)
         return out
-
-
-def policy_logprobs(
-    policy: Any,
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    response: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    with_entropy: bool = False,
-    with_hidden: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(logprobs, entropy, hidden) of ``response`` after ``query``: what `generation.sequence_logprobs`
-    computes (one forward; the output layer only where it predicts a response token; logits divided
-    by the temperature), plus the last hidden states (B, T, H) at those positions for a value head.
-
-    The policy, the reference and the training step all go through this one function, so that
-    equal weights give bit-equal log-probs (KL exactly 0, first ratio exactly 1).
-    """
-    T = response.size(1)
-    input_ids = torch.cat([query, response], dim=1)  # (B, P+T)
-    attention = torch.cat([query_mask, response_mask], dim=1)
-    L = input_ids.size(1)
-    out = policy(
-        input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention),
-        # the output layer only at the T positions P-1 .. P+T-2 that predict the response tokens
-        logits_to_keep=torch.arange(L - T - 1, L - 1, device=input_ids.device), output_hidden_states=with_hidden,
-    )  # fmt: skip
-    logits = out.logits.float()  # (B, T, V): position P-1+t predicts response[t]
-    entropy = None
-    if with_entropy and not torch.is_grad_enabled():
-        # the rollout pass: one log-softmax gives both (the same ops as `token_logprobs`, so the same bits)
-        log_softmax = torch.log_softmax(_scaled(logits, temperature), dim=-1)  # (B, T, V)
-        logprobs = log_softmax.gather(-1, response.unsqueeze(-1)).squeeze(-1) * response_mask
-        entropy = -(log_softmax.exp() * log_softmax).sum(-1) * response_mask
-    else:
-        logprobs = token_logprobs(logits, response, temperature) * response_mask
-        if with_entropy:
-            with torch.no_grad():
-                entropy = entropy_from_logits(_scaled(logits, temperature)) * response_mask
-    hidden = out.hidden_states[-1][:, -T - 1 : -1] if with_hidden else None  # (B, T, H)
-    return logprobs, entropy, hidden
-
-
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature  # x / 1.0 == x: skip the full-size division
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(z / τ)[y] with a lean backward.
-
-    Forward: log-softmax (one fused kernel) and a gather. Backward: ∂/∂z = (onehot(y) −
-    softmax(z / τ)) · g / τ, built in place in one (B, T, V) tensor from the saved log-softmax,
-    where autograd's gather − logsumexp allocates a zero tensor for the gather, a softmax for the
-    logsumexp and their sum. On a large vocabulary these full-vocabulary tensors are a good part
-    of a PPO update's time outside the matmuls (torch.profiler: ``fill_``, ``sub``, ``div``, ``add``).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        log_softmax = torch.log_softmax(_scaled(logits, temperature), dim=-1)  # (B, T, V)
-        ctx.save_for_backward(log_softmax, tokens)
-        ctx.temperature = temperature
-        return log_softmax.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        log_softmax, tokens = ctx.saved_tensors
-        grad_logits = log_softmax.exp()  # softmax: the one (B, T, V) tensor of the backward
-        grad_logits.mul_(-grad.unsqueeze(-1))
-        grad_logits.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
-        if ctx.temperature != 1.0:
-            grad_logits.div_(ctx.temperature)
-        return grad_logits, None, None
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(y_t) under softmax(logits / temperature): (B, T, V) logits and (B, T) tokens -> (B, T).
-    The values of `losses.logprobs_from_logits` (to rounding), with a leaner backward."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _TokenLogprobs.apply(logits, tokens, float(temperature))
-    return torch.log_softmax(_scaled(logits, temperature), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def ptx_loss(policy: Any, batch: Any) -> torch.Tensor:

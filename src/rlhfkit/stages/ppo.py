@@ -288,7 +288,7 @@ class Models:
     def reference_logprobs(self, *args: torch.Tensor, temperature: float) -> torch.Tensor:
         """Log-probs (B, T) of the frozen reference: the copy, or with LoRA the policy's own
         backbone with the adapter switched off (one backbone in memory)."""
-        from rlhfkit.value import policy_logprobs
+        from rlhfkit.generation import policy_logprobs
 
         model, context = (self.reference, nullcontext()) if self.reference is not None else (self.policy, self.policy.disable_adapter())
         with context, self.autocast():
