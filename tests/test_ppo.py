@@ -17,6 +17,7 @@ import torch
 
 from rlhfkit import models as model_io
 from rlhfkit.config import PPOConfig
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses import kl_estimate
 from rlhfkit.provenance import RunInfo
 from rlhfkit.reward import load_reward
@@ -114,6 +115,21 @@ def test_first_step_kl_is_exactly_zero_and_first_ratio_exactly_one(tiny_llama_di
     assert minibatches[0]["ratio_min"] == 1.0 and minibatches[0]["ratio_max"] == 1.0
     # ...and the check is not vacuous: after the first optimizer step the ratio moves
     assert minibatches[1]["ratio_max"] > 1.0 or minibatches[1]["ratio_min"] < 1.0
+
+
+def test_ref_sets_the_kl_reference_apart_from_the_starting_policy(tiny_llama_dir, prompts_file, tmp_path):
+    """Iterated RLHF continues from a PPO policy but measures KL to the SFT model (--ref)."""
+    other = tmp_path / "other"
+    from rlhfkit.testing import save_tiny_model
+
+    save_tiny_model(other, arch="llama", seed=7)  # same tokenizer, different weights
+    same = one_step(*setup(config := make_config(tiny_llama_dir, prompts_file, tmp_path / "a", ref=str(tiny_llama_dir))), config)
+    assert same["metrics"]["objective/kl"] == 0  # --ref equal to --policy: the copy it would make anyway
+    apart = one_step(*setup(config := make_config(other, prompts_file, tmp_path / "b", ref=str(tiny_llama_dir))), config)
+    fwd = apart["forward"]
+    assert not torch.equal(fwd["logprobs"], fwd["ref_logprobs"]) and apart["metrics"]["objective/kl"] != 0
+    with pytest.raises(ConfigError, match="--ref: not with --lora"):
+        ppo.validate(make_config(tiny_llama_dir, prompts_file, tmp_path / "c", ref=str(tiny_llama_dir), lora=True))
 
 
 def test_tokens_after_the_end_change_no_loss_no_kl_and_no_advantage(tiny_llama_dir, prompts_file, tmp_path):

@@ -159,6 +159,7 @@ class PPOConfig(TrainConfig):
     """
 
     policy: str = ""  # the initial policy, usually the SFT model; also the frozen reference
+    ref: str = ""  # the KL reference when it is not --policy (iterated RLHF: continue from a PPO policy, stay close to SFT)
     rm: str = ""  # reward-model directory, one-label classifier, or python:MODULE:FUNCTION
     prompts: str = ""
     value_head: str = "separate"  # separate (a value model) or policy (a linear head on the policy)

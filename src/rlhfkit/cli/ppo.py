@@ -50,6 +50,7 @@ def command(
     rm: Annotated[str, typer.Option(help="Reward: a train-rm directory (normalised with its recorded gain/bias), any one-label sequence classifier, or python:MODULE:FUNCTION (f(prompts, completions) returning one float per completion).", rich_help_panel=MODELS)],
     prompts: Annotated[str, typer.Option(help="Prompts JSONL ({'prompt': ...} or {'messages': [...]}).", rich_help_panel=MODELS)],
     out: Annotated[Path, typer.Option(help="Output directory: the final policy (plain HF model + rlhfkit.json), metrics.jsonl, samples.jsonl, checkpoints/.", rich_help_panel=MODELS)],
+    ref: Annotated[str, typer.Option(help="KL reference model when it is not --policy (iterated RLHF continues a PPO policy but stays close to the SFT model). Not with --lora.", rich_help_panel=MODELS)] = C.ref,
     value_head: Annotated[ValueHead, typer.Option(help="separate: a value model (initialised from --value-model); policy: a linear head on the policy's last hidden state.", rich_help_panel=MODELS)] = ValueHead(C.value_head),
     value_model: Annotated[str, typer.Option(help="Initial value model (default: the reward model; the policy, with a fresh head, for a scripted reward).", rich_help_panel=MODELS)] = C.value_model,
     max_prompt_length: Annotated[int, typer.Option(help="Keep only the last N tokens of longer prompts (0 = no limit).", rich_help_panel=MODELS)] = C.max_prompt_length,

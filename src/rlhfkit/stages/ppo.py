@@ -114,6 +114,8 @@ def validate(config: PPOConfig) -> None:
         raise ConfigError(f"--kl-estimator: expected one of {', '.join(KL_ESTIMATORS)}, got {config.kl_estimator!r}")
     if config.value_head not in VALUE_HEADS:
         raise ConfigError(f"--value-head: expected separate or policy, got {config.value_head!r}")
+    if config.ref and config.lora:
+        raise ConfigError("--ref: not with --lora (the LoRA reference is the policy's own backbone with the adapter off)")
     if config.value_head == "policy" and config.value_model:
         raise ConfigError("--value-model: only with --value-head separate (a head on the policy has no model of its own)")
     if config.schedule not in SCHEDULES:
@@ -321,7 +323,10 @@ def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype:
     reward = load_reward(config.rm, tokenizer, device, dtype, trust_remote_code=config.trust_remote_code, batch_size=micro)
     policy = _dropout_off(models.load_model(config.policy, "causal-lm", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code))
     reference = None
-    if not config.lora:
+    if config.ref:
+        reference = models.load_model(config.ref, "causal-lm", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
+        reference = _dropout_off(reference).requires_grad_(False)
+    elif not config.lora:
         reference = _dropout_off(copy.deepcopy(policy)).requires_grad_(False)
     value_model = value_head = None
     if config.value_head == "policy":
@@ -751,7 +756,7 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
 
     out = Path(config.out)
     sz = sizes(config)
-    info = RunInfo("ppo", config, {"policy": config.policy, "rm": config.rm, "prompts": config.prompts,
+    info = RunInfo("ppo", config, {"policy": config.policy, "ref": config.ref or None, "rm": config.rm, "prompts": config.prompts,
                                    "value_model": config.value_model or None, "ptx_data": config.ptx_data or None})  # fmt: skip
     seed_everything(config.seed)
 
