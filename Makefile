@@ -9,7 +9,7 @@ RLHFKIT := $(VENV)/bin/rlhfkit
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow lint help demo demo-tiny smollm2
+.PHONY: install test test-slow lint help demo demo-tiny smollm2 bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,16 @@ demo-tiny: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" MODEL=$(TINY_RUN)/base RUN=$(TINY_RUN) PYTHON=$(PY) \
 		SFT_EPOCHS=3 SFT_LR=3e-3 K=4 COLLECT_TOKENS=16 RM_LR=1e-3 RM_EPOCHS=2 PPO_STEPS=6 PPO_BATCH=16 \
 		PPO_TOKENS=16 PPO_LR=1e-4 EVAL_TOKENS=16 bash examples/demo.sh
+
+# side-by-side benchmarks against TRL 1.12.0 (the last release with a PPO trainer), which lives in
+# its own environment: TRL is not a dependency of rlhfkit
+TRL_VENV ?= .venv-trl
+$(TRL_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt trl==1.12.0 -e .
+	touch $@
+
+bench: $(TRL_VENV)/.installed
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --size small --steps 30 --batch-size 8 --rounds 3
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --pairs 128 --repeats 3 --grouped
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_ppo.py --size small --repeats 2

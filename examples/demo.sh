@@ -22,12 +22,12 @@ COLLECT_TOKENS=${COLLECT_TOKENS:-40}
 RM_EPOCHS=${RM_EPOCHS:-1}
 RM_LR=${RM_LR:-2e-5}
 RM_BATCH=${RM_BATCH:-4}
-PPO_STEPS=${PPO_STEPS:-12}
+PPO_STEPS=${PPO_STEPS:-10}
 PPO_BATCH=${PPO_BATCH:-16}
 PPO_TOKENS=${PPO_TOKENS:-40}
 PPO_LR=${PPO_LR:-1e-5}
 PPO_KL=${PPO_KL:-0.05}
-PPO_EXTRA=${PPO_EXTRA:-}
+PPO_EXTRA=${PPO_EXTRA:---value-head policy --ppo-epochs 2}
 EVAL_TOKENS=${EVAL_TOKENS:-40}
 EVAL_SAMPLES=${EVAL_SAMPLES:-2}
 
@@ -60,7 +60,7 @@ stage "6/7 ppo: against the reward model with a KL penalty to the SFT model"
 # shellcheck disable=SC2086
 $RLHFKIT ppo --policy "$RUN/sft" --rm "$RUN/rm" --prompts "$DATA/prompts.jsonl" --out "$RUN/ppo" \
   --steps "$PPO_STEPS" --batch-size "$PPO_BATCH" --max-new-tokens "$PPO_TOKENS" --lr "$PPO_LR" \
-  --kl-coef "$PPO_KL" --temperature 1.0 --seed "$SEED" --save-every 4 --keep-checkpoints 0 --sample-every 4 $PPO_EXTRA > "$RUN/ppo.json"
+  --kl-coef "$PPO_KL" --temperature 1.0 --seed "$SEED" --save-every 5 --keep-checkpoints 0 --sample-every 5 $PPO_EXTRA > "$RUN/ppo.json"
 
 stage "7/7 eval: PPO vs SFT on held-out prompts, judged by the reward model and the annotator"
 $RLHFKIT eval --policy "ppo=$RUN/ppo" --baseline "sft=$RUN/sft" --rm "$RUN/rm" \
