@@ -180,3 +180,38 @@ def test_gzip_output(tmp_path):
     out = tmp_path / "o.jsonl.gz"
     assert io.write_jsonl(out, [{"a": 1}, {"a": 2}]) == 2
     assert [r for _, r in io.read_records(out)] == [{"a": 1}, {"a": 2}]
+
+
+SAMPLES_LINE = {
+    "prompt_id": "p1",
+    "prompt": "Q",
+    "completions": [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}],
+}
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b'{"prompt_id": "p1", "ranking": ["a", "b"]}\n{"prompt_id": "p1", \n', ":2: invalid JSON"),
+        (b'{"prompt_id": "p1"}\n', ":1: field 'ranking': missing"),
+        (b'{"prompt_id": "p1", "ranking": 7}\n', ":1: field 'ranking': expected"),
+        (b"", ": no records (the file is empty)"),
+        (b'{"prompt_id": "p1", "ranking": ["a", "b"], "annotator": "caf\xe9"}\n', ":1: not valid UTF-8"),
+    ],
+    ids=["malformed", "missing-field", "wrong-type", "empty", "non-utf8"],
+)
+def test_a_writing_command_stops_on_bad_input_and_writes_nothing(tmp_path, cli, content, expected):
+    """The same one-line errors from a command that writes: exit 1, no output file, no temp file."""
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps(SAMPLES_LINE) + "\n")
+    rankings = tmp_path / "rankings.jsonl"
+    rankings.write_bytes(content)
+    out = tmp_path / "out" / "pairs.jsonl"
+    result = cli("rank-import", rankings, "--samples", samples, "--out", out, "--format", "native")
+    assert result.exit_code == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {rankings}") and expected in lines[0], lines
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+    result = cli("rank-import", tmp_path / "missing.jsonl", "--samples", samples, "--out", out)
+    assert result.exit_code == 1 and "no such file or directory" in result.stderr and not out.exists()

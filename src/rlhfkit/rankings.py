@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.io import read_records
-from rlhfkit.data.records import Completion, Conversation, RecordError, Samples, _get, split_shared_prefix
+from rlhfkit.data.records import Completion, Conversation, RecordError, Samples, get_field, split_shared_prefix
 from rlhfkit.errors import ConfigError, DataError
 
 FORMATS = ("native", "scores", "best-of-k", "pairwise", "label-studio", "argilla", "csv")
@@ -121,7 +121,7 @@ class Judgement:
 
 
 def _optional_str(record: dict, name: str) -> str | None:
-    value = _get(record, name, (str, int), required=False)
+    value = get_field(record, name, (str, int), required=False)
     return None if value is None or value == "" else str(value)
 
 
@@ -171,7 +171,7 @@ def parse_ranking_string(text: str, field: str) -> list:
 
 
 def read_native(record: dict) -> list[RawJudgement]:
-    ranking = _get(record, "ranking", (list, str))
+    ranking = get_field(record, "ranking", (list, str))
     if isinstance(ranking, str):
         ranking = parse_ranking_string(ranking, "ranking")
     tiers = []
@@ -188,7 +188,7 @@ def read_native(record: dict) -> list[RawJudgement]:
 
 
 def read_scores(record: dict) -> list[RawJudgement]:
-    scores = _get(record, "scores", (dict, str))
+    scores = get_field(record, "scores", (dict, str))
     if isinstance(scores, str):
         try:
             scores = json.loads(scores)
@@ -214,7 +214,7 @@ def _judgement_from_scores(refs: list[Ref], field: str, prompt_id: str | None, a
 
 
 def read_best_of_k(record: dict) -> list[RawJudgement]:
-    best = _get(record, "best", (str, int))
+    best = get_field(record, "best", (str, int))
     if isinstance(best, int):
         ref = Ref(best, "best", "index")
     elif best.strip().isdigit():
@@ -229,8 +229,8 @@ def read_best_of_k(record: dict) -> list[RawJudgement]:
 
 
 def read_pairwise(record: dict) -> list[RawJudgement]:
-    chosen = _conversation(_get(record, "chosen", (str, list)), "chosen")
-    rejected = _conversation(_get(record, "rejected", (str, list)), "rejected")
+    chosen = _conversation(get_field(record, "chosen", (str, list)), "chosen")
+    rejected = _conversation(get_field(record, "rejected", (str, list)), "rejected")
     prompt = record.get("prompt")
     prompt = _conversation(prompt, "prompt") if prompt not in (None, "") else None
     prompt_id = _optional_str(record, "prompt_id")
@@ -259,8 +259,8 @@ def read_label_studio(record: dict) -> list[RawJudgement]:
     Pairwise results: ``value.selected`` is ``left`` or ``right``; the two sides are the task's
     ``left``/``right`` data, or the two entries of its ``items``/``completions``, as ids or texts.
     """
-    data = _get(record, "data", dict)
-    annotations = _get(record, "annotations", list)
+    data = get_field(record, "data", dict)
+    annotations = get_field(record, "annotations", list)
     prompt_id = _optional_str(data, "prompt_id")
     prompt = _prompt_text(data)
     out = []

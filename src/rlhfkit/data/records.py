@@ -38,7 +38,9 @@ class RecordError(ValueError):
 # --- field checks -----------------------------------------------------------------------------
 
 
-def _get(record: dict, name: str, types: type | tuple[type, ...], *, required: bool = True, prefix: str = "") -> Any:
+def get_field(record: dict, name: str, types: type | tuple[type, ...], *, required: bool = True, prefix: str = "") -> Any:
+    """``record[name]`` checked against ``types``; a RecordError naming ``prefix + name`` otherwise
+    (None when absent and not required)."""
     if name not in record or record[name] is None:
         if required:
             raise RecordError(prefix + name, "missing (required)")
@@ -73,17 +75,17 @@ def parse_messages(value: Any, name: str) -> Messages:
         where = f"{name}.{i}."
         if not isinstance(m, dict):
             raise RecordError(f"{name}.{i}", f"expected a message object, got {type(m).__name__}")
-        role = _get(m, "role", str, prefix=where)
+        role = get_field(m, "role", str, prefix=where)
         if role not in ROLES:
             raise RecordError(where + "role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        content = _get(m, "content", str, prefix=where)
+        content = get_field(m, "content", str, prefix=where)
         messages.append({"role": role, "content": content})
     return messages
 
 
 def parse_conversation(record: dict, name: str, *, required: bool = True) -> Conversation | None:
     """A field that is either a string or a list of chat messages."""
-    value = _get(record, name, (str, list), required=required)
+    value = get_field(record, name, (str, list), required=required)
     if isinstance(value, list):
         return parse_messages(value, name)
     return value
@@ -120,10 +122,10 @@ def parse_demonstration(record: dict) -> Demonstration:
         return Demonstration(messages=messages)
     if "prompt" in record or "response" in record:
         prompt = parse_conversation(record, "prompt")
-        response = _get(record, "response", str)
+        response = get_field(record, "response", str)
         return Demonstration(prompt=prompt, response=response)
     if "text" in record:
-        text = _get(record, "text", str)
+        text = get_field(record, "text", str)
         if not text:
             raise RecordError("text", "empty string")
         return Demonstration(text=text)
@@ -145,7 +147,7 @@ def parse_prompt(record: dict) -> Prompt:
         prompt = parse_conversation(record, "prompt")
     else:
         raise RecordError("prompt", "missing (required: 'prompt' or 'messages')")
-    pid = _get(record, "id", (str, int), required=False)
+    pid = get_field(record, "id", (str, int), required=False)
     return Prompt(id=str(pid) if pid is not None else content_id(prompt), prompt=prompt)
 
 
@@ -188,32 +190,32 @@ class Samples:
 
 
 def parse_samples(record: dict) -> Samples:
-    prompt_id = str(_get(record, "prompt_id", (str, int)))
+    prompt_id = str(get_field(record, "prompt_id", (str, int)))
     prompt = parse_conversation(record, "prompt")
-    raw = _get(record, "completions", list)
+    raw = get_field(record, "completions", list)
     completions, seen = [], set()
     for i, c in enumerate(raw):
         where = f"completions.{i}."
         if not isinstance(c, dict):
             raise RecordError(f"completions.{i}", f"expected an object, got {type(c).__name__}")
-        cid = str(_get(c, "id", (str, int), prefix=where))
+        cid = str(get_field(c, "id", (str, int), prefix=where))
         if cid in seen:
             raise RecordError(where + "id", f"duplicate completion id {cid!r}")
         seen.add(cid)
-        finish = _get(c, "finish_reason", str, required=False) or "stop"
+        finish = get_field(c, "finish_reason", str, required=False) or "stop"
         if finish not in ("stop", "length"):
             raise RecordError(where + "finish_reason", f"expected 'stop' or 'length', got {finish!r}")
         completions.append(
             Completion(
                 id=cid,
-                text=_get(c, "text", str, prefix=where),
-                policy=_get(c, "policy", str, required=False, prefix=where) or "",
+                text=get_field(c, "text", str, prefix=where),
+                policy=get_field(c, "policy", str, required=False, prefix=where) or "",
                 finish_reason=finish,
-                num_tokens=_get(c, "num_tokens", int, required=False, prefix=where) or 0,
-                logprob=_get(c, "logprob", (int, float), required=False, prefix=where),
+                num_tokens=get_field(c, "num_tokens", int, required=False, prefix=where) or 0,
+                logprob=get_field(c, "logprob", (int, float), required=False, prefix=where),
             )
         )
-    sampling = _get(record, "sampling", dict, required=False) or {}
+    sampling = get_field(record, "sampling", dict, required=False) or {}
     return Samples(prompt_id=prompt_id, prompt=prompt, completions=tuple(completions), sampling=sampling)
 
 
@@ -265,8 +267,8 @@ def parse_comparison(record: dict) -> Comparison:
         prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
     if isinstance(chosen, list) and isinstance(prompt, str):
         raise RecordError("chosen", "a message list needs a message-list prompt")
-    margin = _get(record, "margin", (int, float), required=False)
-    optional = {k: _get(record, k, (str, int), required=False) for k in ("group", "annotator", "chosen_policy", "rejected_policy")}
+    margin = get_field(record, "margin", (int, float), required=False)
+    optional = {k: get_field(record, k, (str, int), required=False) for k in ("group", "annotator", "chosen_policy", "rejected_policy")}
     return Comparison(
         prompt=prompt,
         chosen=chosen,
