@@ -82,3 +82,18 @@ def test_stop_strings(tiny_llama, tokenizer):
         assert "e" not in text
         if r.stopped[i]:
             assert "e" in tokenizer.decode(r.response_ids(i))
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_llama, tokenizer):
+    """Stopped rows are dropped from the batch and the KV cache; every row still equals its
+    decoding alone (a batch of one never drops a row)."""
+    prompts = _prompts(tokenizer) + [encode_prompt(tokenizer, "one two three four")]
+    kwargs = dict(max_new_tokens=12, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id, stop_strings=["e"], tokenizer=tokenizer)
+    together = sample(tiny_llama, prompts, seeds=[11, 12, 13, 14], **kwargs)
+    lengths = together.response_mask.sum(1).tolist()
+    assert len(set(lengths)) > 1  # the rows really stopped at different steps
+    for i, p in enumerate(prompts):
+        alone = sample(tiny_llama, [p], seeds=[11 + i], **kwargs)
+        assert together.response_ids(i) == alone.response_ids(0)
+        assert bool(together.stopped[i]) == bool(alone.stopped[0])
+        torch.testing.assert_close(together.logprobs[i, : lengths[i]], alone.logprobs[0, : lengths[i]], atol=1e-5, rtol=1e-5)

@@ -127,7 +127,7 @@ class CollectConfig(CommonConfig):
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)  # stop strings (EOS always stops)
-    batch_size: int = 16  # sequences per generation batch
+    batch_size: int = 64  # sequences per generation batch (decoding is memory-bound: wide batches amortise the weights)
     dedup: bool = False  # drop a completion whose text repeats one already kept for the prompt
     max_prompts: int = 0  # 0 = every prompt
 

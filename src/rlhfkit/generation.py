@@ -145,37 +145,47 @@ def sample(
     positions = position_ids_from_mask(query_mask)
     step_ids = query
     cache = None
+    # rows still generating, in the order the model sees them: a row that stops leaves the batch and
+    # the KV cache, so short completions stop costing compute (per-row generators keep every row's
+    # draws independent of who else is in the batch)
+    active = torch.arange(batch, device=device)
     was_training = model.training
     model.eval()
     try:
         for t in range(max_new_tokens):
             out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
             cache = _cache_of(out)
-            logits = out.logits[:, -1, :].float()  # (B, V)
+            logits = out.logits[:, -1, :].float()  # (A, V), A = active rows
             if temperature > 0:
                 scaled = logits / temperature
-                filtered = _filter_logits(scaled, top_k, top_p)
-                probs = filtered.softmax(-1)
+                probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
                 if generators is None:
                     next_ids = torch.multinomial(probs, 1).squeeze(-1)
                 else:
-                    next_ids = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(batch)])
+                    rows = active.tolist()
+                    next_ids = torch.cat([torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(rows)])
                 token_logprobs = F.log_softmax(scaled, -1).gather(-1, next_ids[:, None]).squeeze(-1)
             else:
                 next_ids = logits.argmax(-1)
                 token_logprobs = F.log_softmax(logits, -1).gather(-1, next_ids[:, None]).squeeze(-1)
-            next_ids = torch.where(done, torch.full_like(next_ids, pad_token_id), next_ids)
-            tokens[:, t] = next_ids
-            logprobs[:, t] = torch.where(done, torch.zeros_like(token_logprobs), token_logprobs)
-            lengths += (~done).long()
-            hit = (~done) & torch.isin(next_ids, stops)
+            tokens[active, t] = next_ids
+            logprobs[active, t] = token_logprobs
+            lengths[active] += 1
+            hit = torch.isin(next_ids, stops)  # (A,)
             if stop_strings:
-                hit |= _stop_string_hits(tokens, lengths, done | hit, stop_strings, tokenizer, stop_text)
-            stopped |= hit
-            done |= hit
-            if bool(done.all()):  # a CPU-GPU sync per step; it ends the loop as soon as every row stopped
+                checked = done.clone()
+                checked[active] |= hit
+                hit |= _stop_string_hits(tokens, lengths, checked, stop_strings, tokenizer, stop_text)[active]
+            stopped[active[hit]] = True
+            done[active[hit]] = True
+            keep = ~hit
+            if not bool(keep.any()):  # a CPU-GPU sync per step; it ends the loop once every row stopped
                 break
-            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
+            if not bool(keep.all()):
+                index = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(index)  # transformers' DynamicCache: keep these rows only
+                active, attention, positions, next_ids = active[index], attention[index], positions[index], next_ids[index]
+            attention = torch.cat([attention, torch.ones((attention.size(0), 1), dtype=attention.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             step_ids = next_ids[:, None]
     finally:
