@@ -71,16 +71,6 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads
-    spin-wait on each other (measured: 53 s instead of 1.4 s for the training below)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama_dir):
     """One reward model trained on the synthetic preference, shared by several tests."""

@@ -80,6 +80,12 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device: torch.de
     return ids.to(device), mask.to(device)
 
 
+def join(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (B, P+T): the left-padded prompt followed by the right-padded response,
+    the one sequence that policy, reference, value and reward models all read."""
+    return torch.cat([query, response], dim=1), torch.cat([query_mask, response_mask], dim=1)
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so a left-padded prompt starts at position 0."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -241,8 +247,7 @@ def policy_logprobs(
     equal weights give bit-equal log-probs (KL exactly 0, first ratio exactly 1).
     """
     T = response.size(1)
-    input_ids = torch.cat([query, response], dim=1)  # (B, P+T)
-    attention = torch.cat([query_mask, response_mask], dim=1)
+    input_ids, attention = join(query, query_mask, response, response_mask)  # (B, P+T)
     L = input_ids.size(1)
     out = policy(
         input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention),

@@ -100,12 +100,11 @@ class ModelReward(Reward):
         self.device = next(model.parameters()).device
 
     def raw_scores(self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None) -> torch.Tensor:
-        from rlhfkit.generation import right_pad
+        from rlhfkit.generation import join, right_pad
         from rlhfkit.scoring import last_token_scores
 
         if self.same_vocab and query is not None and response is not None:
-            ids = torch.cat([query, response], dim=1).to(self.device)  # (B, P+T)
-            mask = torch.cat([query_mask, response_mask], dim=1).to(self.device)
+            ids, mask = (x.to(self.device) for x in join(query, query_mask, response, response_mask))  # (B, P+T)
         else:
             stops = [True] * len(prompts) if stopped is None else [bool(s) for s in stopped]
             seqs = [

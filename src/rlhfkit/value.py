@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfkit.generation import policy_logprobs, position_ids_from_mask
+from rlhfkit.generation import join, policy_logprobs, position_ids_from_mask
 from rlhfkit.losses import lm_loss
 from rlhfkit.scoring import classifier_parts
 
@@ -57,8 +57,7 @@ def response_values(value_model: Any, query: torch.Tensor, query_mask: torch.Ten
     0 at masked positions. Only those T hidden states go through the head."""
     backbone, head = classifier_parts(value_model)
     T = response.size(1)
-    input_ids = torch.cat([query, response], dim=1)  # (B, P+T)
-    attention = torch.cat([query_mask, response_mask], dim=1)
+    input_ids, attention = join(query, query_mask, response, response_mask)  # (B, P+T)
     hidden = backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention)).last_hidden_state
     values = head(hidden[:, -T - 1 : -1]).squeeze(-1).float()  # (B, T)
     return values * response_mask
