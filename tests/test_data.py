@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rlhfkit.data import io, records
+from rlhfkit.data import files, records
 from rlhfkit.errors import DataError
 
 ROWS = [{"id": "a", "prompt": "Say hi."}, {"id": "b", "messages": [{"role": "user", "content": "Hi?"}]}]
@@ -146,7 +146,7 @@ def test_atomic_writer_leaves_nothing_when_killed(tmp_path):
     script = textwrap.dedent(
         f"""
         import time
-        from rlhfkit.data.io import write_jsonl
+        from rlhfkit.data.files import write_jsonl
         def records():
             for i in range(1000):
                 yield {{"i": i}}
@@ -162,7 +162,7 @@ def test_atomic_writer_leaves_nothing_when_killed(tmp_path):
     proc.wait(timeout=30)
     time.sleep(0.1)
     assert not out.exists()
-    io.write_jsonl(out, [{"i": 1}])
+    files.write_jsonl(out, [{"i": 1}])
     assert out.read_text() == '{"i": 1}\n'
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]  # the killed run's temp file
 
@@ -170,7 +170,7 @@ def test_atomic_writer_leaves_nothing_when_killed(tmp_path):
 def test_atomic_writer_exception_cleans_up(tmp_path):
     out = tmp_path / "x.json"
     with pytest.raises(RuntimeError):
-        with io.atomic_open(out) as f:
+        with files.atomic_open(out) as f:
             f.write("partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
@@ -178,8 +178,8 @@ def test_atomic_writer_exception_cleans_up(tmp_path):
 
 def test_gzip_output(tmp_path):
     out = tmp_path / "o.jsonl.gz"
-    assert io.write_jsonl(out, [{"a": 1}, {"a": 2}]) == 2
-    assert [r for _, r in io.read_records(out)] == [{"a": 1}, {"a": 2}]
+    assert files.write_jsonl(out, [{"a": 1}, {"a": 2}]) == 2
+    assert [r for _, r in files.read_records(out)] == [{"a": 1}, {"a": 2}]
 
 
 SAMPLES_LINE = {

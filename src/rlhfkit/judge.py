@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.io import dumps
+from rlhfkit.data.files import dumps
 from rlhfkit.errors import ConfigError, RlhfkitError
 
 
@@ -47,7 +47,7 @@ def check_command(command: str) -> None:
 def run_judge(command: str, samples: Sequence[dict[str, Any]], output: Path, *, timeout: float) -> list[Any]:
     """Send ``samples`` to the judge, keep its raw answer in ``output``, and return the checked
     judgements (`rlhfkit.rankings.Judgement`, completion ids best first)."""
-    from rlhfkit.data.io import atomic_open
+    from rlhfkit.data.files import atomic_open
     from rlhfkit.data.records import parse_samples
     from rlhfkit.rankings import SampleIndex, load_rankings
 

@@ -96,7 +96,7 @@ class RunInfo:
         }
 
     def write(self, path: str | os.PathLike, metrics: dict[str, Any] | None = None, **extra: Any) -> None:
-        from rlhfkit.data.io import write_json
+        from rlhfkit.data.files import write_json
 
         write_json(path, self.as_dict(metrics, **extra))
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.io import read_records
+from rlhfkit.data.files import read_records
 from rlhfkit.data.records import Completion, Conversation, RecordError, Samples, get_field, split_shared_prefix
 from rlhfkit.errors import ConfigError, DataError
 

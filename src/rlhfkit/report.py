@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.io import atomic_open
+from rlhfkit.data.files import atomic_open
 
 PLOTS = ("reward_vs_kl.png", "winrate.png", "elo.png")
 JUDGE_LABELS = {"rm": "reward model", "judge": "judge"}

@@ -257,7 +257,7 @@ def load_reference(source: str | os.PathLike, *, skip_invalid: bool = False) -> 
     """The completions that set the reward normalisation, from a samples file (``collect``
     output: every completion, ``stopped`` from its finish_reason) or a comparisons file (every
     distinct chosen/rejected completion). The kind is told from the first record."""
-    from rlhfkit.data.io import read_records
+    from rlhfkit.data.files import read_records
 
     _, first = next(iter(read_records(source)))
     if "completions" in first:

@@ -20,9 +20,8 @@ import os
 import random
 import shutil
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -319,7 +318,7 @@ class MetricsLog:
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     kept.append(line)
-        from rlhfkit.data.io import atomic_open
+        from rlhfkit.data.files import atomic_open
 
         with atomic_open(self.path) as f:
             f.writelines(line + "\n" for line in kept)
@@ -344,47 +343,3 @@ def _to_float(v: Any) -> Any:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-@contextmanager
-def progress_bar(description: str, total: int, completed: int = 0, enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar on stderr; ``bar.update(advance=1, info="loss 1.23 | 812 tok/s")``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from rlhfkit.cli.common import console
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-    with progress:
-        task = progress.add_task(description, total=total, completed=completed, info="")
-
-        class Bar:
-            def update(self, advance: int = 1, info: str | None = None) -> None:
-                fields = {} if info is None else {"info": info}
-                progress.update(task, advance=advance, **fields)
-
-        yield Bar()
-
-
-class Throughput:
-    """Counts items (tokens, pairs, updates) per second of wall time since start."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.count = 0.0
-
-    def add(self, n: float) -> None:
-        self.count += n
-
-    @property
-    def rate(self) -> float:
-        return self.count / max(1e-9, time.perf_counter() - self.start)

@@ -20,12 +20,10 @@ from typing import Annotated, Any, Optional, TypeVar
 import click
 import tomllib
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from rlhfkit.console import console
 from rlhfkit.errors import ConfigError, RlhfkitError
-
-console = Console(stderr=True)  # people read stderr; programs read stdout
 
 GENERAL = "General"
 

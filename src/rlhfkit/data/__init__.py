@@ -1,6 +1,6 @@
 """Record schemas, readers and atomic writers for every file format of SPEC §4."""
 
-from rlhfkit.data.io import atomic_open, read_records, write_json, write_jsonl
+from rlhfkit.data.files import atomic_open, read_records, write_json, write_jsonl
 from rlhfkit.data.records import (
     Comparison,
     Completion,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from rlhfkit.data.io import read_records
+from rlhfkit.data.files import read_records
 from rlhfkit.errors import DataError
 
 Messages = list[dict[str, str]]

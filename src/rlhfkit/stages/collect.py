@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rlhfkit.config import CollectConfig
-from rlhfkit.data import io, records
+from rlhfkit.data import files, records
 from rlhfkit.data.records import Completion, Prompt, RecordError, Samples
 from rlhfkit.errors import ConfigError, DataError
 
@@ -139,7 +139,7 @@ def load_prompts(config: CollectConfig) -> list[Prompt]:
         if prompt.id in first:
             reason = f"duplicate prompt id {prompt.id!r} (also line {first[prompt.id]})"
             if not config.skip_invalid:
-                raise DataError("<stdin>" if config.prompts == io.STDIO else config.prompts, line, "id", reason)
+                raise DataError("<stdin>" if config.prompts == files.STDIO else config.prompts, line, "id", reason)
             continue
         first[prompt.id] = line
         out.append(prompt)
@@ -164,7 +164,7 @@ class SamplesWriter:
         self.sampling = sampling
         self.lines: dict[str, dict[str, Any]] = {}  # prompt id -> line, everything done so far
         self.stream: IO[str]
-        if out == io.STDIO:
+        if out == files.STDIO:
             self.stream = sys.stdout
             return
         path = Path(out)
@@ -176,7 +176,7 @@ class SamplesWriter:
         self.stream = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115  (open across the whole run; closed by finish/close)
         for pid, line in previous.items():  # OUT's lines join the partial file, so that it holds everything
             if pid not in partial:
-                self.stream.write(io.dumps(line) + "\n")
+                self.stream.write(files.dumps(line) + "\n")
         self.stream.flush()
 
     def _read(self, path: Path, cut_half_line: bool = False) -> dict[str, dict[str, Any]]:
@@ -218,26 +218,26 @@ class SamplesWriter:
 
     def write(self, line: dict[str, Any]) -> None:
         self.lines[line["prompt_id"]] = line
-        self.stream.write(io.dumps(line) + "\n")
+        self.stream.write(files.dumps(line) + "\n")
         self.stream.flush()
 
     def sync(self) -> None:
-        if self.out != io.STDIO:
+        if self.out != files.STDIO:
             os.fsync(self.stream.fileno())
 
     def finish(self, order: Sequence[str]) -> int:
         """Write OUT in prompt order (lines of prompts not in ``order`` last); return the line count."""
-        if self.out == io.STDIO:
+        if self.out == files.STDIO:
             return len(self.lines)
         self.stream.close()
         rank = {pid: i for i, pid in enumerate(order)}
         ordered = sorted(self.lines.values(), key=lambda line: rank.get(line["prompt_id"], len(rank)))
-        io.write_jsonl(self.out, ordered)
+        files.write_jsonl(self.out, ordered)
         self.partial.unlink(missing_ok=True)
         return len(ordered)
 
     def close(self) -> None:
-        if self.out != io.STDIO and not self.stream.closed:
+        if self.out != files.STDIO and not self.stream.closed:
             self.stream.close()
 
 
@@ -341,7 +341,7 @@ def _progress(console: Any) -> Any:
 
 
 def run(config: CollectConfig) -> dict[str, Any]:
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console
 
     check_config(config)
     specs = parse_policies(config.policy)

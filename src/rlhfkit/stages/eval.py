@@ -361,7 +361,7 @@ def validate(config: EvalConfig) -> None:
 def run(config: EvalConfig) -> dict[str, Any]:
     import torch
 
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console
     from rlhfkit.data.records import load, parse_demonstration, parse_prompt
     from rlhfkit.models import resolve_device, resolve_dtype
 
@@ -495,8 +495,8 @@ class _Context:
         ``{text, finish_reason, num_tokens, logprob, score, kl}`` per entry. ``same_vocab``: the
         token ids are the baseline's vocabulary (the reward model may score them directly)."""
         from rlhfkit.chat import encode_prompt
+        from rlhfkit.console import progress_bar
         from rlhfkit.generation import sample, sequence_logprobs
-        from rlhfkit.training import progress_bar
 
         config = self.config
         encoded = {i: encode_prompt(tokenizer, self.items[i].prompt) for i in set(prompt_index)}
@@ -709,7 +709,7 @@ def assemble(
 def write_outputs(result: dict[str, Any], out: Path, items: Sequence[Any], rows: Sequence[tuple[int, int]], players: Sequence[Player], config: EvalConfig) -> dict[str, Any]:
     """``samples.jsonl`` (every completion, with its model, score and KL), ``report.md``, the
     plots and ``report.json`` (this result) in ``out``; returns their paths."""
-    from rlhfkit.data.io import write_json, write_jsonl
+    from rlhfkit.data.files import write_json, write_jsonl
     from rlhfkit.report import write_report
 
     def records():

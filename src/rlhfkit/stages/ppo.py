@@ -737,7 +737,7 @@ def run(config: PPOConfig) -> dict[str, Any] | None:
 
 def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
     from rlhfkit import models as model_io
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console, progress_bar
     from rlhfkit.provenance import RunInfo
     from rlhfkit.training import (
         MetricsLog,
@@ -748,7 +748,6 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
         load_checkpoint,
         make_optimizer,
         make_scheduler,
-        progress_bar,
         read_metrics,
         save_checkpoint,
         seed_everything,
@@ -875,7 +874,7 @@ class SamplesLog:
     def __init__(self, path: Path, dist: Dist, resume_step: int | None, enabled: bool = True):
         import json
 
-        from rlhfkit.data.io import atomic_open
+        from rlhfkit.data.files import atomic_open
 
         self.path, self.enabled = path, dist.is_main and enabled
         if not self.enabled:
@@ -890,8 +889,8 @@ class SamplesLog:
     def write(self, step: int, items: Sequence[PromptItem], result: dict[str, Any], n: int) -> None:
         from rich.table import Table
 
-        from rlhfkit.cli.common import console
-        from rlhfkit.data.io import dumps
+        from rlhfkit.console import console
+        from rlhfkit.data.files import dumps
 
         n = min(n, len(items))
         kl = result["kl"].sum(1)[:n].tolist()

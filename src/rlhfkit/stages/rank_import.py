@@ -26,7 +26,7 @@ from typing import Any
 
 from rlhfkit import stats
 from rlhfkit.config import RankImportConfig
-from rlhfkit.data import io, records
+from rlhfkit.data import files, records
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import expand_ranking
 from rlhfkit.rankings import FORMATS, Judgement, SampleIndex, check_rankings, read_rankings
@@ -82,11 +82,11 @@ def check_config(config: RankImportConfig) -> None:
         raise ConfigError(f"--aggregate: expected none or majority, got {config.aggregate!r}")
     if not 0.0 <= config.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction: expected a number in [0, 1), got {config.val_fraction}")
-    if config.val_fraction > 0 and config.out == io.STDIO and not config.val_out:
+    if config.val_fraction > 0 and config.out == files.STDIO and not config.val_out:
         raise ConfigError("--val-fraction with --out -: give --val-out FILE for the validation pairs")
     if config.bootstrap < 0:
         raise ConfigError(f"--bootstrap: expected 0 or more, got {config.bootstrap}")
-    if config.rankings == io.STDIO and config.samples == io.STDIO:
+    if config.rankings == files.STDIO and config.samples == files.STDIO:
         raise ConfigError("RANKINGS and --samples cannot both be stdin")
 
 
@@ -234,13 +234,13 @@ def policy_stats(pairs: list[Pair], index: SampleIndex, n_bootstrap: int, seed: 
 
 
 def run(config: RankImportConfig) -> dict[str, Any]:
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console
 
     check_config(config)
     # 1. the rankings (read to the end first: in a pipe, the samples file may still be being written)
     rows = read_rankings(config.rankings, config.format)
     samples = records.load(config.samples, records.parse_samples, skip_invalid=config.skip_invalid)
-    index = SampleIndex(samples, samples.lines, "<stdin>" if config.samples == io.STDIO else config.samples)
+    index = SampleIndex(samples, samples.lines, "<stdin>" if config.samples == files.STDIO else config.samples)
 
     # 2. every ranking checked against the samples, before anything is written
     loaded = check_rankings(rows, index, skip_invalid=config.skip_invalid)
@@ -286,11 +286,11 @@ def run(config: RankImportConfig) -> dict[str, Any]:
         "agreement": agreement,
         "policies": policies,
     }
-    io.write_jsonl(config.out, train)
+    files.write_jsonl(config.out, train)
     if val_out:
-        io.write_jsonl(val_out, val)
+        files.write_jsonl(val_out, val)
     if config.stats:
-        io.write_json(config.stats, summary)
+        files.write_json(config.stats, summary)
     print_stats(summary, console)
 
     result = {

@@ -47,6 +47,7 @@ import torch.distributed as tdist
 
 from rlhfkit import training
 from rlhfkit.config import SFTConfig
+from rlhfkit.console import progress_bar
 from rlhfkit.data import records
 from rlhfkit.data.demonstrations import Batch, DataStats, Example, collate, encode_dataset, pack
 from rlhfkit.errors import ConfigError
@@ -198,7 +199,7 @@ class RowSchedule:
 
 def _prepare_out(config: SFTConfig, dist: training.Dist) -> Path | None:
     """The checkpoint to resume from, if any; refuse to overwrite an unrelated or earlier run."""
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console
 
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -231,7 +232,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict[str, Any]:
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console
 
     def say(text: str) -> None:
         if dist.is_main:
@@ -303,7 +304,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
 
     window = {"nll": torch.zeros((), device=device, dtype=_acc_dtype(device)), "label_tokens": 0, "tokens": 0, "paused": 0.0, "start": time.perf_counter()}
     grad_norm = torch.zeros(())
-    with training.progress_bar("sft", total_steps, completed=state["step"], enabled=dist.is_main) as bar:
+    with progress_bar("sft", total_steps, completed=state["step"], enabled=dist.is_main) as bar:
         if data.val and state["step"] == 0:
             initial = evaluate()
             metrics.log(0, initial)

@@ -74,6 +74,7 @@ import torch.distributed as tdist
 
 from rlhfkit import chat, models, rm_data, training
 from rlhfkit.config import TrainRMConfig
+from rlhfkit.console import progress_bar
 from rlhfkit.data import records
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses import bradley_terry_loss
@@ -175,7 +176,7 @@ def run(config: TrainRMConfig) -> dict[str, Any]:
 
 
 def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: training.Dist) -> dict[str, Any]:
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console
 
     def say(text: str) -> None:
         if dist.is_main:  # people read stderr; long paths stay on one line
@@ -311,7 +312,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     window: list[dict[str, torch.Tensor]] = []  # the steps since the last metrics line
     orders: dict[int, list[list[int]]] = {}
     saved_at = step if resume_from is not None else -1
-    with training.progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main) as bar:
+    with progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main) as bar:
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
             if epoch not in orders:
@@ -448,7 +449,7 @@ def _resume_point(config: TrainRMConfig, out: Path, dist: training.Dist) -> Path
     """The checkpoint to resume from, if any. Never write over an earlier run without --resume, nor
     over a directory that is not a run directory (the final save replaces OUT as a whole); the same
     rules as sft."""
-    from rlhfkit.cli.common import console
+    from rlhfkit.console import console
 
     has_files = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
     is_run = (out / "rlhfkit.json").is_file() or (out / training.CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
