@@ -11,9 +11,10 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test test-slow lint help demo demo-tiny smollm2 bench
 
+# extras: label (the ranking web app), trackers (--report-to's experiment trackers, read back by the tests)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,label,trackers]'
 	touch $@
 
 install: $(VENV)/.installed

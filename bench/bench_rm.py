@@ -12,7 +12,7 @@ same process, interleaved ``--repeats`` times. Like for like:
 * AdamW, linear decay, no warmup, gradient clipping at 1.0, dropout off, no evaluation, no
   checkpoint during training, ``lr`` equal.
 
-Measured: each library's own training-loop throughput — rlhfkit's ``throughput/pairs_per_s``
+Measured: each library's own training-loop throughput — rlhfkit's ``perf/pairs_per_s``
 (time spent in optimizer steps) and TRL's ``train_samples_per_second`` (its ``train_runtime``;
 a sample is a pair) — and the wall time of the whole call (``train_rm.run`` also loads the model,
 tokenises, normalises the reward and saves; ``trainer.train()`` only trains). Reported: the median
@@ -124,7 +124,7 @@ def run_rlhfkit(model_dir: Path, data: Path, out: Path, args: argparse.Namespace
     start = time.perf_counter()
     result = train_rm.run(config)
     wall = time.perf_counter() - start
-    return {"pairs_per_s": result["metrics"]["throughput/pairs_per_s"], "wall_s": wall, "steps": result["steps"], "pairs": result["train"]["pairs"],
+    return {"pairs_per_s": result["metrics"]["perf/pairs_per_s"], "wall_s": wall, "steps": result["steps"], "pairs": result["train"]["pairs"],
             "sequences_encoded": result["train"]["sequences"]}  # fmt: skip
 
 

@@ -8,7 +8,7 @@ entropy/accuracy metrics; rlhfkit: full-logit NLL, AdamW). Runs alternate betwee
 ``--rounds`` rounds and the median is reported.
 
 Throughput = real (non-pad) input tokens / seconds of the training loop:
-  rlhfkit: its own measure (``throughput/tokens_per_s`` in rlhfkit.json, eval/checkpoint time excluded);
+  rlhfkit: its own measure (``perf/tokens_per_s`` in rlhfkit.json, eval/checkpoint time excluded);
   TRL: tokens counted in its data collator / time from ``on_train_begin`` to ``on_train_end``.
 End to end = the whole call, from data file to saved model directory (both tools load, tokenize,
 train and save; rlhfkit also writes its final checkpoint).
@@ -107,7 +107,7 @@ def run_rlhfkit(model_dir: Path, data_path: Path, out: Path, args: argparse.Name
     start = time.perf_counter()
     result = sft.run(config)
     wall = time.perf_counter() - start
-    return {"tokens": result["train/tokens"], "train_seconds": result["train/seconds"], "tokens_per_s": result["throughput/tokens_per_s"],
+    return {"tokens": result["train/tokens"], "train_seconds": result["train/seconds"], "tokens_per_s": result["perf/tokens_per_s"],
             "wall_seconds": wall, "loss": result["loss/train"]}  # fmt: skip
 
 

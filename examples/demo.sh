@@ -70,3 +70,4 @@ $RLHFKIT eval --policy "ppo=$RUN/ppo" --baseline "sft=$RUN/sft" --rm "$RUN/rm" \
 
 stage "done"
 $PYTHON examples/summarize.py "$RUN" "$((SECONDS - START))"
+$PYTHON examples/check_cards.py "$RUN"  # every model directory: a model card with rlhfkit.json's numbers, and curves.png

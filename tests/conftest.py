@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny models and tokenizers built in-process (no download, HF_HUB_OFFLINE=1)."""
+"""Shared fixtures and helpers: tiny models and tokenizers built in-process (no download,
+HF_HUB_OFFLINE=1), JSONL files under tmp_path, and what a test needs to run rlhfkit in a subprocess.
+
+Helpers are imported by name (``from conftest import write_jsonl, subprocess_env``)."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +23,27 @@ from typer.testing import CliRunner  # noqa: E402
 from rlhfkit.testing import make_model, make_tokenizer, save_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line; returns ``path``."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of an rlhfkit subprocess (CLI runs, torchrun ranks): this checkout's sources,
+    no downloads, one thread per process (the suite runs on 2 cores)."""
+    env = {"PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, **env, **extra}
+
+
+def rlhfkit_command(*args: object) -> list[str]:
+    """``python -m rlhfkit ARGS...`` with this interpreter."""
+    return [sys.executable, "-m", "rlhfkit", *[str(a) for a in args]]
 
 
 @pytest.fixture(scope="session")

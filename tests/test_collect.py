@@ -4,16 +4,15 @@ de-duplication, stdout, and the pipe collect | judge | rank-import."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO, subprocess_env, write_jsonl
 from rlhfkit.stages.collect import parse_policies
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     {"id": "a", "prompt": "Tell me about the cat."},
     {"id": "b", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]},
@@ -23,9 +22,7 @@ PROMPTS = [
 
 @pytest.fixture()
 def prompts_file(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 @pytest.fixture()
@@ -150,6 +147,7 @@ def test_bad_input_is_one_line(collect, cli, tmp_path, tiny_llama_dir, prompts_f
     assert [p.name for p in parse_policies(["m/sft/", "ppo=/x/y", "a/b.gguf"])] == ["sft", "ppo", "b"]
 
 
+@pytest.mark.slow  # subprocesses, seconds of imports each: make test-slow
 def test_pipe_collect_judge_rank_import(tmp_path, tiny_llama_dir, prompts_file):
     """The README pipe: samples stream out of collect, a scripted judge ranks them, rank-import reads stdin."""
     python = sys.executable
@@ -159,9 +157,8 @@ def test_pipe_collect_judge_rank_import(tmp_path, tiny_llama_dir, prompts_file):
         f"| tee {samples} | {python} {REPO / 'examples' / 'judge_length.py'} "
         f"| {python} -m rlhfkit rank-import - --samples {samples} --out {pairs}"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", pipe], check=False, capture_output=True, text=True, env=env, timeout=300
+        ["bash", "-o", "pipefail", "-c", pipe], check=False, capture_output=True, text=True, env=subprocess_env(), timeout=300
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

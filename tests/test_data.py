@@ -61,7 +61,7 @@ def test_stdin(monkeypatch, tmp_path):
         (b'{"prompt": "ok"}\n{"prompt": 7}\n', ":2: field 'prompt': expected a string or a list, got int 7"),
         (b"", ": no records (the file is empty)"),
         (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', ":2: not valid UTF-8"),
-        (b'[1, 2]\n', ":1: expected a JSON object, got list"),
+        (b"[1, 2]\n", ":1: expected a JSON object, got list"),
     ],
     ids=["malformed", "missing-field", "bad-message", "wrong-type", "empty", "non-utf8", "not-object"],
 )
@@ -117,7 +117,9 @@ def test_samples_roundtrip_and_duplicate_ids():
     line = {
         "prompt_id": "p17",
         "prompt": "...",
-        "completions": [{"id": "p17-3f9a", "text": "t", "policy": "sft", "finish_reason": "stop", "num_tokens": 41, "logprob": -37.2}],
+        "completions": [
+            {"id": "p17-3f9a", "text": "t", "policy": "sft", "finish_reason": "stop", "num_tokens": 41, "logprob": -37.2}
+        ],
         "sampling": {"temperature": 1.0},
     }
     assert records.parse_samples(line).to_dict() == line

@@ -1,5 +1,5 @@
-"""rlhfkit eval: the aggregation against hand-computed numbers, the judge protocol with scripted
-judges, the report's fields, the plots, checkpoints of a ppo run, and the error paths."""
+"""rlhfkit eval: the judge protocol with scripted judges, the report's fields, the plots, checkpoints
+of a ppo run, and the error paths. The aggregation's hand-computed cases are in test_stats.py."""
 
 from __future__ import annotations
 
@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_jsonl
 from rlhfkit.judge import judged_outcome, positions
 from rlhfkit.rankings import Judgement
-from rlhfkit.stages.eval import (
-    Match,
-    best_of_curve,
-    best_of_kl,
-    completion_id,
-    elo_table,
-    mean_std,
-    outcome,
-    player_outcomes,
-    rm_accuracy,
-    row_seed,
-    wilson_interval,
-    win_rate,
-)
+from rlhfkit.seeds import row_seed
+from rlhfkit.stages.eval_sampling import completion_id
+from rlhfkit.stats import mean_std, outcome, rm_accuracy, wilson_interval, win_rate
 from rlhfkit.testing import save_tiny_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,75 +50,7 @@ for line in sys.stdin:
 """
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-# --- aggregation: hand-computed cases -----------------------------------------------------------
-
-
-def test_wilson_interval_hand_computed():
-    # 7 of 10 at 95%: z = 1.959964, p = 0.7, center = (0.7 + z²/20) / (1 + z²/10) = 0.644499,
-    # half = z / (1 + z²/10) · sqrt(0.021 + z²/400) = 0.247716
-    low, high = wilson_interval(7, 10, 0.95)
-    assert low == pytest.approx(0.396783, abs=1e-5) and high == pytest.approx(0.892214, abs=1e-5)
-    # 0 of 10: the lower bound is 0, the upper z² / (n + z²) = 3.841459 / 13.841459
-    low, high = wilson_interval(0, 10, 0.95)
-    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.277533, abs=1e-5)
-
-
-def test_win_rate_counts_ties_as_half():
-    outcomes = [1, 1, 1, 0.5, 0, 0.5, 1, 0, 1, 1]  # 6 wins, 2 ties, 2 losses: (6 + 1) / 10
-    w = win_rate(outcomes)
-    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (6, 2, 2, 10)
-    assert w["rate"] == pytest.approx(0.7)
-    assert (w["ci_low"], w["ci_high"]) == pytest.approx((0.396783, 0.892214), abs=1e-5)
-    assert win_rate([])["rate"] is None
-
-
-def test_win_rate_bootstrap_resamples_whole_prompts():
-    # prompt a: both matches won, prompt b: both lost. Resampling prompts gives 1, 0.5 or 0 with
-    # probabilities 1/4, 1/2, 1/4, so the 95% interval is [0, 1]; Wilson on 4 matches is narrower.
-    outcomes, clusters = [1, 1, 0, 0], ["a", "a", "b", "b"]
-    w = win_rate(outcomes, clusters, method="bootstrap", n_bootstrap=2000, seed=0)
-    assert w["rate"] == 0.5 and (w["ci_low"], w["ci_high"]) == (0.0, 1.0)
-    assert wilson_interval(2, 4)[0] > 0.1
-    same = win_rate([1, 0, 1, 0], ["a", "a", "b", "b"], method="bootstrap", n_bootstrap=200)
-    assert (same["ci_low"], same["ci_high"]) == (0.5, 0.5)  # every prompt at 50%: no spread
-
-
-def test_outcomes_from_scores_and_matches():
-    assert [outcome(2, 1), outcome(1, 1), outcome(0, 1)] == [1.0, 0.5, 0.0]
-    matches = [Match("sft", "ppo", 0.0, "p1"), Match("ppo", "sft", 0.5, "p2"), Match("ppo", "other", 1.0, "p3")]
-    assert player_outcomes(matches, "ppo", "sft") == ([1.0, 0.5], ["p1", "p2"])
-    assert mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0} and mean_std([]) is None
-
-
-def test_elo_from_matches_hand_computed():
-    # A beats B 3 times, B beats A once; one virtual tie (the prior): P(A > B) = 3.5 / 5 = 0.7,
-    # R_A − R_B = 400 log10(0.7 / 0.3) = 147.19; the baseline B is anchored at 1000
-    matches = [Match("A", "B", 1.0, f"p{i}") for i in range(3)] + [Match("B", "A", 1.0, "p3")]
-    elo = elo_table(matches, anchor="B", n_bootstrap=50, confidence=0.95, seed=0)
-    assert elo["ratings"]["B"]["rating"] == pytest.approx(1000.0)
-    assert elo["ratings"]["A"]["rating"] == pytest.approx(1000 + 400 * math.log10(0.7 / 0.3), abs=0.01)
-    assert elo["win_rates"]["A"]["B"] == {"win_rate": 0.75, "games": 4.0}
-    # with a tie instead of one win: A 2.5 + 0.5, B 1.5 + 0.5 -> P = 0.6, 400 log10(1.5) = 70.44
-    matches[2] = Match("B", "A", 0.5, "p2")
-    elo = elo_table(matches, anchor="B", n_bootstrap=50, confidence=0.95, seed=0)
-    assert elo["ratings"]["A"]["rating"] - elo["ratings"]["B"]["rating"] == pytest.approx(400 * math.log10(1.5), abs=0.01)
-    low, high = elo["ratings"]["A"]["ci_low"], elo["ratings"]["A"]["ci_high"]
-    assert low <= elo["ratings"]["A"]["rating"] <= high
-
-
-def test_rm_accuracy_and_best_of():
-    assert rm_accuracy([(1, 0), (0, 1), (2, 2)]) == {"accuracy": 0.5, "pairs": 3}
-    assert rm_accuracy([]) == {"accuracy": None, "pairs": 0}
-    assert best_of_kl(1) == 0.0
-    assert best_of_kl(2) == pytest.approx(math.log(2) - 0.5)
-    assert best_of_kl(4) == pytest.approx(1.386294 - 0.75, abs=1e-6)
-    curve = best_of_curve([[0, 2, 1], [3, 1, 0]])  # best of the first k: k=1 (0+3)/2, k=2 (2+3)/2, k=3 (2+3)/2
-    assert [c["score"] for c in curve] == [1.5, 2.5, 2.5] and [c["n"] for c in curve] == [1, 2, 3]
+# --- the judge's outcomes, seeds and ids ------------------------------------------------------
 
 
 def test_judged_outcomes_from_rankings():
@@ -142,8 +64,8 @@ def test_judged_outcomes_from_rankings():
 
 
 def test_seeds_are_shared_and_ids_are_blind():
-    assert row_seed(0, "p1", 0) == row_seed(0, "p1", 0) != row_seed(0, "p1", 1)
-    assert row_seed(0, "p1", 0) != row_seed(1, "p1", 0)
+    assert row_seed(0, "p1", 0, scheme="sha63") == row_seed(0, "p1", 0, scheme="sha63") != row_seed(0, "p1", 1, scheme="sha63")
+    assert row_seed(0, "p1", 0, scheme="sha63") != row_seed(1, "p1", 0, scheme="sha63")
     a, b = completion_id("p1", "sft", 0, 0), completion_id("p1", "ppo", 0, 0)
     assert a != b and a.startswith("p1-") and "sft" not in a and "ppo" not in b
 
@@ -337,7 +259,7 @@ def fake_ppo_run(run: Path, policy_dir: Path, model: torch.nn.Module, step: int,
 
 def test_checkpoints_full_and_lora(setup, cli, tmp_path):
     from rlhfkit.models import apply_lora, load_model
-    from rlhfkit.stages.eval import load_checkpoint_policy
+    from rlhfkit.stages.eval_sampling import load_checkpoint_policy
 
     run = tmp_path / "run"
     base = load_model(str(setup["sft"]))

@@ -26,7 +26,9 @@ def test_greedy_matches_unpadded_decoding(tiny_llama, tokenizer):
     tiny_llama.eval()
     prompts = _prompts(tokenizer)
     stops = stop_token_ids(tokenizer, tiny_llama.config)
-    batch = sample(tiny_llama, prompts, max_new_tokens=8, temperature=0, stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id)
+    batch = sample(
+        tiny_llama, prompts, max_new_tokens=8, temperature=0, stop_token_ids=stops, pad_token_id=tokenizer.pad_token_id
+    )
     for i, p in enumerate(prompts):
         ids = list(p)
         expected = []
@@ -64,10 +66,20 @@ def test_stop_token_ends_the_row_and_is_masked_after(tiny_llama, tokenizer):
 def test_length_finish_and_sequence_logprobs_agree(tiny_llama, tokenizer):
     tiny_llama.eval()  # the fixture ships with attention dropout, as real checkpoints do
     prompts = _prompts(tokenizer)
-    r = sample(tiny_llama, prompts, max_new_tokens=6, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id, seeds=[4, 5, 6], temperature=0.7)
+    r = sample(
+        tiny_llama,
+        prompts,
+        max_new_tokens=6,
+        stop_token_ids=[],
+        pad_token_id=tokenizer.pad_token_id,
+        seeds=[4, 5, 6],
+        temperature=0.7,
+    )
     assert not r.stopped.any() and r.response_mask.sum(1).tolist() == [6, 6, 6]
     with torch.no_grad():
-        lp, ent = sequence_logprobs(tiny_llama, r.query, r.query_mask, r.response, r.response_mask, temperature=0.7, with_entropy=True)
+        lp, ent = sequence_logprobs(
+            tiny_llama, r.query, r.query_mask, r.response, r.response_mask, temperature=0.7, with_entropy=True
+        )
     torch.testing.assert_close(lp, r.logprobs, atol=1e-4, rtol=1e-4)
     assert (ent > 0).all()
 
@@ -88,7 +100,9 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_l
     """Stopped rows are dropped from the batch and the KV cache; every row still equals its
     decoding alone (a batch of one never drops a row)."""
     prompts = _prompts(tokenizer) + [encode_prompt(tokenizer, "one two three four")]
-    kwargs = dict(max_new_tokens=12, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id, stop_strings=["e"], tokenizer=tokenizer)
+    kwargs = dict(
+        max_new_tokens=12, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id, stop_strings=["e"], tokenizer=tokenizer
+    )
     together = sample(tiny_llama, prompts, seeds=[11, 12, 13, 14], **kwargs)
     lengths = together.response_mask.sum(1).tolist()
     assert len(set(lengths)) > 1  # the rows really stopped at different steps

@@ -191,6 +191,20 @@ def test_bradley_terry_by_hand():
     close(stats["margin_mean"], 0.0)
 
 
+def test_bradley_terry_weighted_is_a_weighted_mean():
+    # pair losses log 2 (d = 0) and log(1 + e^-1) (d = 1), weights 1 and 3
+    loss, _ = bradley_terry_loss(t([0.0, 1.0]), t([0.0, 0.0]), weights=t([1.0, 3.0]))
+    close(loss, (math.log(2) + 3 * math.log(1 + math.exp(-1))) / 4)
+    close(loss, 0.40823, tol=1e-5)
+    # integer weights equal repeating pairs; weight 0 drops a pair (and its gradient)
+    chosen = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.0, 0.0])
+    loss, _ = bradley_terry_loss(chosen, rejected, weights=t([2.0, 0.0, 1.0]))
+    close(loss, bradley_terry_loss(t([0.5, 0.5, 2.0]), t([0.0, 0.0, 0.0]))[0])
+    loss.backward()
+    assert chosen.grad[1] == 0
+
+
 def test_expand_ranking():
     assert expand_ranking([[0], [1, 2], [3]]) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
     assert expand_ranking([[0, 1, 2]]) == []  # all tied
@@ -427,3 +441,11 @@ def test_ranking_loss_equals_bt_over_expanded_pairs(tier_sizes, seed):
     expected, _ = bradley_terry_loss(*rewards[t(pairs)].unbind(-1))
     close(loss, expected, tol=1e-6)
     assert torch.isfinite(loss) and 0 <= stats["accuracy"] <= 1
+
+
+def test_nll_sum_worked_example_and_ignored_positions():
+    from rlhfkit.losses import nll_sum
+
+    total = nll_sum(torch.zeros(3, 4), torch.tensor([0, 1, 2]))  # uniform over V = 4
+    assert total.item() == pytest.approx(3 * math.log(4), abs=1e-6)  # 4.1589
+    assert nll_sum(torch.zeros(2, 4), torch.tensor([-100, 3])).item() == pytest.approx(math.log(4), abs=1e-6)

@@ -48,7 +48,7 @@ def test_reward_model_from_causal_lm(tiny_llama_dir):
     assert rm(input_ids=ids).logits.shape == (1, 1)
 
 
-def test_saved_directory_loads_with_plain_transformers(tmp_path, tiny_llama_dir):
+def test_saved_directory_is_plain_safetensors_with_provenance(tmp_path, tiny_llama_dir):
     model = models.load_model(str(tiny_llama_dir))
     tokenizer = models.load_tokenizer(str(tiny_llama_dir))
     data = tmp_path / "demos.jsonl"
@@ -68,7 +68,12 @@ def test_saved_directory_loads_with_plain_transformers(tmp_path, tiny_llama_dir)
     assert len(meta["inputs"]["model"][0]["sha256"]) == 64
     assert {"torch", "transformers", "python"} <= set(meta["versions"])
     assert meta["started"] <= meta["finished"] and meta["metrics"] == {"loss/train": 1.5}
-    # plain transformers, in a process that never imports rlhfkit
+
+
+@pytest.mark.slow  # a subprocess, seconds of imports: make test-slow
+def test_saved_directory_loads_in_a_process_without_rlhfkit(tmp_path, tiny_llama_dir):
+    model, tokenizer = models.load_model(str(tiny_llama_dir)), models.load_tokenizer(str(tiny_llama_dir))
+    out = models.save_model_dir(model, tokenizer, tmp_path / "out", RunInfo("sft", {}, {}))
     code = (
         "import sys, torch, transformers\n"
         f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
@@ -77,7 +82,9 @@ def test_saved_directory_loads_with_plain_transformers(tmp_path, tiny_llama_dir)
         "print(float(m(ids).logits.sum()))\n"
         "assert 'rlhfkit' not in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""}
+    )
     assert result.returncode == 0, result.stderr
     ids = tokenizer("the cat", return_tensors="pt").input_ids
     assert float(result.stdout.strip()) == pytest.approx(float(model(ids).logits.sum().detach()), rel=1e-5)

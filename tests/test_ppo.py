@@ -3,11 +3,10 @@ resume after SIGKILL, and one-line CLI errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,19 +14,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import REPO, rlhfkit_command, subprocess_env, write_jsonl
 from rlhfkit import models as model_io
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import kl_estimate
 from rlhfkit.provenance import RunInfo
 from rlhfkit.reward import load_reward
-from rlhfkit.stages import ppo
+from rlhfkit.seeds import row_seed
+from rlhfkit.stages import ppo, ppo_data, ppo_models, ppo_options
 from rlhfkit.training import Dist, make_optimizer, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-E_COUNT = f"python:{ROOT / 'examples' / 'scripted_rewards.py'}:letter_e_count"
-CONSTANT = f"python:{ROOT / 'tests' / 'ppo_rewards.py'}:constant"
-SLOW_E_COUNT = f"python:{ROOT / 'tests' / 'ppo_rewards.py'}:slow_e_count"
+E_COUNT = f"python:{REPO / 'examples' / 'scripted_rewards.py'}:letter_e_count"
+CONSTANT = f"python:{REPO / 'tests' / 'ppo_rewards.py'}:constant"
+SLOW_E_COUNT = f"python:{REPO / 'tests' / 'ppo_rewards.py'}:slow_e_count"
 
 PROMPTS = [
     {"id": "a", "prompt": "the cat"},
@@ -37,11 +37,6 @@ PROMPTS = [
     {"id": "e", "prompt": "one two three"},
     {"id": "f", "prompt": "The river and the sea"},
 ]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture()
@@ -71,20 +66,19 @@ def make_config(policy, prompts, out, **overrides) -> PPOConfig:
 
 def setup(config: PPOConfig):
     tokenizer = model_io.load_tokenizer(config.policy)
-    items, _ = ppo.load_prompts(config, tokenizer)
-    models = ppo.build_models(config, tokenizer, torch.device("cpu"), torch.float32)
+    items, _ = ppo_data.load_prompts(config, tokenizer)
+    models = ppo_models.build_models(config, tokenizer, torch.device("cpu"), torch.float32)
     optimizer = make_optimizer(models.actor_critic, config.lr, eps=config.adam_eps)
     return models, optimizer, items
 
 
 def batch(items, config, step=0):
-    rows = ppo.step_rows(len(items), config.seed, step, config.batch_size, Dist())
-    return [items[i] for _, i in rows], [ppo.row_seed(config.seed, step, j) for j, _ in rows]
+    rows = ppo_data.step_rows(len(items), config.seed, step, config.batch_size, Dist())
+    return [items[i] for _, i in rows], [row_seed(config.seed, step, j, scheme="poly") for j, _ in rows]
 
 
 def one_step(models, optimizer, items, config, step=0, ptx=None):
-    batch_items, seeds = batch(items, config, step)
-    return ppo.ppo_step(models, optimizer, batch_items, seeds, config, step, config.kl_coef, ptx)
+    return ppo.ppo_step(models, optimizer, ppo.make_kl_controller(config), items, config, step, ptx)
 
 
 def weights(module) -> dict[str, torch.Tensor]:
@@ -129,7 +123,7 @@ def test_ref_sets_the_kl_reference_apart_from_the_starting_policy(tiny_llama_dir
     fwd = apart["forward"]
     assert not torch.equal(fwd["logprobs"], fwd["ref_logprobs"]) and apart["metrics"]["objective/kl"] != 0
     with pytest.raises(ConfigError, match="--ref: not with --lora"):
-        ppo.validate(make_config(tiny_llama_dir, prompts_file, tmp_path / "c", ref=str(tiny_llama_dir), lora=True))
+        make_config(tiny_llama_dir, prompts_file, tmp_path / "c", ref=str(tiny_llama_dir), lora=True).check()
 
 
 def test_tokens_after_the_end_change_no_loss_no_kl_and_no_advantage(tiny_llama_dir, prompts_file, tmp_path):
@@ -154,8 +148,8 @@ def test_tokens_after_the_end_change_no_loss_no_kl_and_no_advantage(tiny_llama_d
     short = (torch.arange(exp.response.size(1))[None, :] < lengths[:, None]).long()  # responses that ended earlier
     after = ~short.bool()
 
-    def variant(fill: float, token: int) -> ppo.Experience:
-        e = ppo.Experience(exp.query, exp.query_mask, torch.where(after, token, exp.response), short)
+    def variant(fill: float, token: int) -> ppo_data.Experience:
+        e = ppo_data.Experience(exp.query, exp.query_mask, torch.where(after, token, exp.response), short)
         e.logprobs, e.values, e.advantages, e.returns = (torch.where(after, fill, x) for x in (exp.logprobs, exp.values, exp.advantages, exp.returns))
         return e
 
@@ -176,9 +170,9 @@ def test_temperature_divides_the_logits_of_policy_and_reference(tiny_llama_dir, 
     one_step(models, optimizer, items, config)  # the policy moves away from the reference
     batch_items, seeds = batch(items, config, step=1)
     rollout = ppo.generate(models, batch_items, seeds, config)
-    exp = ppo.Experience(rollout.query, rollout.query_mask, rollout.response, rollout.response_mask)
-    order = ppo.minibatch_order(config.seed, 1, 0, config.batch_size)
-    fwd = ppo.rollout_forward(models, exp, order, ppo.sizes(config), config.temperature)
+    exp = ppo_data.Experience(rollout.query, rollout.query_mask, rollout.response, rollout.response_mask)
+    order = ppo_data.minibatch_order(config.seed, 1, 0, config.batch_size)
+    fwd = ppo.rollout_forward(models, exp, order, ppo_options.sizes(config), config.temperature)
 
     def by_hand(model, temperature):
         T = exp.response.size(1)
@@ -216,7 +210,7 @@ def test_reward_clip_and_missing_eos_penalty_replace_the_score(tokenizer):
         response=torch.ones(4, 3, dtype=torch.long), response_mask=torch.ones(4, 3, dtype=torch.long),
         stopped=torch.tensor([True, False, True, False]),
     )  # fmt: skip
-    items = [ppo.PromptItem(str(i), "p", (1,)) for i in range(4)]
+    items = [ppo_data.PromptItem(str(i), "p", (1,)) for i in range(4)]
     models = SimpleNamespace(reward=reward)
     texts = ["a", "b", "c", "d"]
     base = dict(policy="p", rm=CONSTANT, prompts="x", out="o")
@@ -238,14 +232,14 @@ def test_ptx_changes_the_update_and_zero_ptx_does_not(tiny_llama_dir, prompts_fi
     for name, extra in {"none": {}, "zero": dict(ptx_data=str(ptx_file), ptx_coef=0.0), "one": dict(ptx_data=str(ptx_file), ptx_coef=1.0)}.items():
         config = make_config(tiny_llama_dir, prompts_file, tmp_path / name, **extra)
         models, optimizer, items = setup(config)
-        feed, _ = ppo.load_ptx(config, models.tokenizer, ppo.sizes(config).micro_batch)
+        feed, _ = ppo_data.load_ptx(config, models.tokenizer, ppo_options.sizes(config).micro_batch)
         result = one_step(models, optimizer, items, config, ptx=feed)
         final[name] = weights(models.policy)
         if name == "one":
             assert "loss/ptx" in result["metrics"] and feed.position == 8 * 2  # 8 micro-batches of 2 sequences
         # the language-model loss on the ptx data after the update
         from rlhfkit.data import records
-        from rlhfkit.data.demonstrations import collate, encode_dataset
+        from rlhfkit.demonstrations import collate, encode_dataset
         from rlhfkit.value import ptx_loss
 
         loaded = records.load(str(ptx_file), records.parse_demonstration)
@@ -289,7 +283,7 @@ def test_generation_in_several_calls_gives_the_same_rollouts(tiny_llama_dir, pro
     models, _, items = setup(config)
     batch_items, seeds = batch(items, config)
     whole = ppo.generate(models, batch_items, seeds, config)
-    parts = ppo.generate(models, batch_items, seeds, ppo.dataclasses.replace(config, generation_batch_size=3))
+    parts = ppo.generate(models, batch_items, seeds, dataclasses.replace(config, generation_batch_size=3))
     assert whole.stopped.any() and not whole.stopped.all()  # some rows stopped at the stop string
     for name in ("query", "query_mask", "response", "response_mask", "stopped"):
         assert torch.equal(getattr(whole, name), getattr(parts, name)), name
@@ -317,12 +311,12 @@ def test_token_logprobs_agree_with_autograd_of_the_plain_formula(temperature):
 
 
 def test_prompt_order_is_a_function_of_the_step_and_sharded_by_rank():
-    one = ppo.step_rows(5, seed=1, step=3, batch_size=4, dist=Dist())
-    assert one == ppo.step_rows(5, seed=1, step=3, batch_size=4, dist=Dist())
-    ranks = [ppo.step_rows(5, seed=1, step=3, batch_size=2, dist=Dist(rank=r, world_size=2)) for r in (0, 1)]
+    one = ppo_data.step_rows(5, seed=1, step=3, batch_size=4, dist=Dist())
+    assert one == ppo_data.step_rows(5, seed=1, step=3, batch_size=4, dist=Dist())
+    ranks = [ppo_data.step_rows(5, seed=1, step=3, batch_size=2, dist=Dist(rank=r, world_size=2)) for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == sorted(one)
     # every prompt comes once per epoch: steps 0-4 of batch 4 over 5 prompts cover 4 whole epochs
-    drawn = [i for s in range(5) for _, i in ppo.step_rows(5, 1, s, 4, Dist())]
+    drawn = [i for s in range(5) for _, i in ppo_data.step_rows(5, 1, s, 4, Dist())]
     assert all(sorted(drawn[e * 5 : e * 5 + 5]) == list(range(5)) for e in range(4))
 
 
@@ -349,7 +343,7 @@ def test_end_to_end_the_score_rises_while_the_kl_stays_bounded(cli, tiny_llama_d
     for key in ("objective/score", "objective/kl", "objective/rlhf_reward", "objective/entropy", "objective/kl_coef",
                 "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/explained_variance",
                 "val/ratio", "val/clipfrac", "response/length", "response/stopped", "perf/tokens_per_s",
-                "perf/seconds_per_step", "lr"):  # fmt: skip
+                "perf/seconds_per_step", "train/lr"):  # fmt: skip
         assert key in rows[-1], key
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [10, 10, 20, 20] and {"prompt", "response", "score", "kl"} <= set(samples[0])
@@ -384,14 +378,14 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target(cli, tiny_llama_dir
 
 
 def _ppo_process(out: Path, policy: Path, prompts: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "rlhfkit", "ppo", "--policy", str(policy), "--rm", SLOW_E_COUNT, "--prompts", str(prompts),
-            "--out", str(out), "--steps", "6", "--save-every", "2", "--batch-size", "4", "--mini-batch-size", "2",
-            "--max-new-tokens", "6", "--lr", "3e-3", "--ptx-data", str(prompts.parent / "ptx.jsonl"), "--ptx-coef", "0.5",
-            "--target-kl", "0.5", "--sample-every", "1", "--device", "cpu", *extra]  # fmt: skip
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    args = rlhfkit_command("ppo", "--policy", policy, "--rm", SLOW_E_COUNT, "--prompts", prompts,
+                           "--out", out, "--steps", "6", "--save-every", "2", "--batch-size", "4", "--mini-batch-size", "2",
+                           "--max-new-tokens", "6", "--lr", "3e-3", "--ptx-data", prompts.parent / "ptx.jsonl", "--ptx-coef", "0.5",
+                           "--target-kl", "0.5", "--sample-every", "1", "--device", "cpu", *extra)  # fmt: skip
+    return subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
 
 
+@pytest.mark.slow  # two subprocesses, ~15 s
 def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_llama_dir, prompts_file, tmp_path):
     from safetensors.torch import load_file
 
@@ -460,4 +454,4 @@ def test_an_existing_run_is_not_overwritten_without_resume(cli, tiny_llama_dir, 
     out.mkdir()
     (out / "metrics.jsonl").write_text("")
     result = cli("ppo", "--policy", tiny_llama_dir, "--rm", E_COUNT, "--prompts", prompts_file, "--out", out)
-    assert result.exit_code == 1 and "already holds a run; pass --resume" in result.stderr
+    assert result.exit_code == 1 and "holds an earlier run (pass --resume" in result.stderr

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from conftest import write_jsonl
 from rlhfkit.rankings import detect_format, parse_ranking_string
 from rlhfkit.stages.rank_import import is_validation, val_out_path
 
@@ -36,9 +37,7 @@ def _samples() -> list[dict]:
 
 @pytest.fixture()
 def samples_file(tmp_path):
-    path = tmp_path / "samples.jsonl"
-    path.write_text("".join(json.dumps(s) + "\n" for s in _samples()))
-    return path
+    return write_jsonl(tmp_path / "samples.jsonl", _samples())
 
 
 def _write(path, records) -> str:
@@ -47,7 +46,7 @@ def _write(path, records) -> str:
     elif path.suffix == ".json":
         path.write_text(json.dumps(records, indent=2))
     else:
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_jsonl(path, records)
     return str(path)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhfkit import models
-from rlhfkit.scoring import last_index, last_token_scores, token_scores
+from rlhfkit.scoring import last_index, last_token_scores
 
 
 def test_last_index():
@@ -23,5 +23,3 @@ def test_padding_and_eos_inside_the_text_do_not_move_the_score(tiny_llama_dir, t
     mask = torch.tensor([[0, 0] + [1] * 6 + [0, 0, 0]])
     padded = last_token_scores(rm, ids, mask)
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
-    per_token = token_scores(rm, torch.tensor([seq]), torch.ones(1, 6, dtype=torch.long))
-    torch.testing.assert_close(per_token[:, -1], alone, atol=1e-5, rtol=1e-5)

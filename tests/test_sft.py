@@ -4,7 +4,6 @@ SIGKILL, torchrun with two processes, LoRA, and the command's error paths."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,12 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.data.demonstrations import collate, encode_demonstration
+from conftest import rlhfkit_command, subprocess_env
 from rlhfkit.data.records import Demonstration
+from rlhfkit.demonstrations import collate, encode_demonstration
 from rlhfkit.testing import corpus, save_tiny_model
 from rlhfkit.training import Dist, latest_checkpoint, read_metrics
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def write_demos(path: Path, n: int, seed: int = 0) -> Path:
@@ -32,8 +30,14 @@ def write_demos(path: Path, n: int, seed: int = 0) -> Path:
             record = [
                 {"text": f"{a} {b}"},
                 {"prompt": a, "response": b},
-                {"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b},
-                              {"role": "user", "content": c}, {"role": "assistant", "content": a}]},  # fmt: skip
+                {
+                    "messages": [
+                        {"role": "user", "content": a},
+                        {"role": "assistant", "content": b},
+                        {"role": "user", "content": c},
+                        {"role": "assistant", "content": a},
+                    ]
+                },  # fmt: skip
             ][i % 3]
             f.write(json.dumps(record) + "\n")
     return path
@@ -68,8 +72,9 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_training_loss_and_held_out_perplexity_go_down(cli, tiny_llama_dir, demos, tmp_path):
     out = tmp_path / "sft"
-    result = sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--epochs", 3, "--lr", 3e-3, "--batch-size", 8,
-                 "--max-length", 64, "--val-fraction", 0.2, "--eval-every", 10, "--log-every", 1, "--warmup-steps", 2)  # fmt: skip
+    result = sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--epochs", 3, "--lr", 3e-3,
+                 "--batch-size", 8, "--max-length", 64, "--val-fraction", 0.2, "--eval-every", 10, "--log-every", 1,
+                 "--warmup-steps", 2)  # fmt: skip
     rows = read_metrics(out)
     train = [r["loss/train"] for r in rows if "loss/train" in r]
     evals = [(r["step"], r["eval/perplexity"]) for r in rows if "eval/perplexity" in r]
@@ -78,7 +83,7 @@ def test_training_loss_and_held_out_perplexity_go_down(cli, tiny_llama_dir, demo
     assert evals[0][0] == 0 and [s for s, _ in evals] == [0, 10, 20, 30, 36]
     assert evals[-1][1] < 0.5 * evals[0][1]  # held-out perplexity (from ~vocabulary size) at least halves
     assert result["eval/perplexity"] == evals[-1][1] and result["eval/perplexity_initial"] == evals[0][1]
-    assert all(r["throughput/tokens_per_s"] > 0 and "lr" in r and "train/grad_norm" in r for r in rows if "loss/train" in r)
+    assert all(r["perf/tokens_per_s"] > 0 and "train/lr" in r and "train/grad_norm" in r for r in rows if "loss/train" in r)
 
     # a plain transformers directory + rlhfkit.json with config, input hashes, metrics, data report
     from transformers import AutoModelForCausalLM
@@ -88,7 +93,7 @@ def test_training_loss_and_held_out_perplexity_go_down(cli, tiny_llama_dir, demo
     info = json.loads((out / "rlhfkit.json").read_text())
     assert info["stage"] == "sft" and info["config"]["lr"] == 3e-3 and info["config"]["val_fraction"] == 0.2
     assert info["inputs"]["data"][0]["sha256"] and info["inputs"]["model"][0]["sha256"]
-    for key in ("loss/train", "loss/eval", "eval/perplexity", "throughput/tokens_per_s"):
+    for key in ("loss/train", "loss/eval", "eval/perplexity", "perf/tokens_per_s"):
         assert info["metrics"][key] == result[key]
     assert info["data"]["train"]["examples"] == 96 and info["data"]["val"]["examples"] == 24
     assert info["data"]["train"]["kinds"].keys() == {"text", "prompt", "messages"}
@@ -118,7 +123,21 @@ def test_packing_trains_on_fewer_longer_rows(cli, tiny_llama_dir, demos, tmp_pat
 
 def test_bf16_autocast_and_gradient_checkpointing_on_cpu(cli, tiny_llama_dir, demos, tmp_path):
     out = tmp_path / "sft"
-    result = sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--max-steps", 2, "--bf16", "--gradient-checkpointing", "--max-length", 32)
+    result = sft(
+        cli,
+        "--model",
+        tiny_llama_dir,
+        "--data",
+        demos,
+        "--out",
+        out,
+        "--max-steps",
+        2,
+        "--bf16",
+        "--gradient-checkpointing",
+        "--max-length",
+        32,
+    )
     info = json.loads((out / "rlhfkit.json").read_text())
     assert info["precision"] == {"weights": "float32", "bf16_autocast": True}
     assert 0 < result["loss/train"] < 100 and weights(out)["model.norm.weight"].dtype == torch.float32
@@ -187,8 +206,8 @@ def test_a_model_that_post_processes_its_logits_keeps_the_full_forward(tokenizer
 
     batch = collate([encode_demonstration(tokenizer, Demonstration(text="the cat is red."), 64)], tokenizer.pad_token_id)
     # known from the config: Gemma 2 soft-caps its logits
-    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)  # fmt: skip
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)  # fmt: skip
     assert not TokenNLL(AutoModelForCausalLM.from_config(config)).selective
     # found by the check: a forward that rescales the logits
     model = make_model(tokenizer).eval()
@@ -219,22 +238,19 @@ def test_batch_4_equals_batch_2_with_accumulation_2(cli, no_dropout_dir, demos, 
 # --- exact resume, torchrun -------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _rlhfkit(*args) -> list[str]:
-    return [sys.executable, "-m", "rlhfkit", *[str(a) for a in args]]
-
-
+@pytest.mark.slow  # subprocesses, seconds of imports each: make test-slow
 def test_resume_after_sigkill_ends_with_the_same_weights(tiny_llama_dir, demos, tmp_path):
     # the tiny Llama has attention dropout 0.1: the RNG states are restored too
     args = ("--model", tiny_llama_dir, "--data", demos, "--max-steps", 60, "--save-every", 4, "--batch-size", 8,
             "--max-length", 64, "--lr", 1e-3, "--val-fraction", 0.1, "--eval-every", 20)  # fmt: skip
     full, killed = tmp_path / "full", tmp_path / "killed"
-    uninterrupted = subprocess.Popen(_rlhfkit("sft", *args, "--out", full), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    uninterrupted = subprocess.Popen(
+        rlhfkit_command("sft", *args, "--out", full), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
-    proc = subprocess.Popen(_rlhfkit("sft", *args, "--out", killed), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        rlhfkit_command("sft", *args, "--out", killed), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while latest_checkpoint(killed) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -247,7 +263,13 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_llama_dir, demos, 
     killed_at = json.loads((checkpoint / "state.json").read_text())["step"]
     assert killed_at < 60
 
-    resumed = subprocess.run(_rlhfkit("sft", *args, "--out", killed, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        rlhfkit_command("sft", *args, "--out", killed, "--resume"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {checkpoint}" in " ".join(resumed.stderr.split())
     stdout, stderr = uninterrupted.communicate(timeout=300)
@@ -263,13 +285,27 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_llama_dir, demos, 
     assert json.loads(resumed.stdout)["loss/eval"] == pytest.approx(json.loads(stdout)["loss/eval"], rel=1e-5)
 
 
+@pytest.mark.slow  # subprocesses, seconds of imports each: make test-slow
 def test_torchrun_two_processes_match_one_process_and_write_once(cli, no_dropout_dir, demos, tmp_path):
     """2 ranks × batch 2 is the same optimizer step as 1 process × batch 4 (gloo on CPU)."""
-    common = ("--model", no_dropout_dir, "--data", demos, "--max-steps", 3, "--lr", 1e-3, "--max-length", 48, "--val-fraction", 0.1)
+    common = (
+        "--model",
+        no_dropout_dir,
+        "--data",
+        demos,
+        "--max-steps",
+        3,
+        "--lr",
+        1e-3,
+        "--max-length",
+        48,
+        "--val-fraction",
+        0.1,
+    )
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhfkit", "sft", *map(str, common),
-           "--out", str(out), "--batch-size", "2", "--device", "cpu"]  # fmt: skip
-    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhfkit", "sft",
+           *map(str, common), "--out", str(out), "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1  # rank 0 alone prints and writes
@@ -289,8 +325,9 @@ def test_torchrun_two_processes_match_one_process_and_write_once(cli, no_dropout
 
 def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(cli, tiny_llama_dir, demos, tmp_path):
     out = tmp_path / "lora"
-    sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--lora", "--lora-r", 4, "--lora-target-modules", "q_proj,v_proj",
-        "--save-adapter", "--max-steps", 3, "--lr", 1e-2, "--max-length", 48)  # fmt: skip
+    sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--lora", "--lora-r", 4,
+        "--lora-target-modules", "q_proj,v_proj", "--save-adapter", "--max-steps", 3, "--lr", 1e-2,
+        "--max-length", 48)  # fmt: skip
     # the checkpoint holds only adapter weights: nothing else had a gradient
     checkpoint = load_file(str(latest_checkpoint(out) / "model.safetensors"))
     assert checkpoint and all("lora_" in k for k in checkpoint)

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from rlhfkit.data.demonstrations import (
+from rlhfkit.data.records import Demonstration, load, parse_demonstration
+from rlhfkit.demonstrations import (
     IGNORE_INDEX,
     Example,
     collate,
@@ -20,7 +21,6 @@ from rlhfkit.data.demonstrations import (
     encode_text,
     pack,
 )
-from rlhfkit.data.records import Demonstration, load, parse_demonstration
 from rlhfkit.errors import DataError
 from rlhfkit.losses import lm_loss
 
@@ -58,7 +58,8 @@ def test_prompt_response_trains_the_response_and_its_eos_only(tokenizer):
 def test_prompt_as_messages_is_rendered_with_the_generation_prompt(tokenizer):
     ids, labels = encode_prompt_response(tokenizer, [{"role": "user", "content": "Name a color."}], "red")
     assert tokens(tokenizer, ids, labels) == [
-        ("<|im_start|>", F), ("us", F), ("er", F), ("\n", F), ("N", F), ("ame", F), (" a", F), (" c", F), ("ol", F), ("or", F), (".", F),
+        ("<|im_start|>", F), ("us", F), ("er", F), ("\n", F),
+        ("N", F), ("ame", F), (" a", F), (" c", F), ("ol", F), ("or", F), (".", F),
         ("<|im_end|>", F),  # an EOS id inside the prompt: not trained
         ("\n", F), ("<|im_start|>", F), ("a", F), ("ssistant", F), ("\n", F),
         ("re", T), ("d", T), ("<|im_end|>", T),
@@ -81,12 +82,14 @@ TWO_TURNS = [
 
 def test_messages_train_every_assistant_turn_and_its_end_of_turn_token(tokenizer):
     assert tokens(tokenizer, *encode_messages(tokenizer, TWO_TURNS)) == [
-        ("<|im_start|>", F), ("s", F), ("ystem", F), ("\n", F), ("B", F), ("e", F), (" brief", F), (".", F), ("<|im_end|>", F), ("\n", F),
+        ("<|im_start|>", F), ("s", F), ("ystem", F), ("\n", F),
+        ("B", F), ("e", F), (" brief", F), (".", F), ("<|im_end|>", F), ("\n", F),
         ("<|im_start|>", F), ("us", F), ("er", F), ("\n", F), ("hi", F), ("<|im_end|>", F), ("\n", F),
         ("<|im_start|>", F), ("a", F), ("ssistant", F), ("\n", F),
         ("he", T), ("ll", T), ("o", T), ("<|im_end|>", T),  # first assistant turn + its end-of-turn token
         ("\n", F),
-        ("<|im_start|>", F), ("us", F), ("er", F), ("\n", F), ("t", F), ("wo", F), (" p", F), ("lus", F), (" t", F), ("wo", F), ("<|im_end|>", F), ("\n", F),
+        ("<|im_start|>", F), ("us", F), ("er", F), ("\n", F),
+        ("t", F), ("wo", F), (" p", F), ("lus", F), (" t", F), ("wo", F), ("<|im_end|>", F), ("\n", F),
         ("<|im_start|>", F), ("a", F), ("ssistant", F), ("\n", F),
         ("f", T), ("our", T), ("<|im_end|>", T),  # second assistant turn
         ("\n", F),
@@ -163,7 +166,10 @@ def test_truncation_keeps_the_start_and_is_counted(tokenizer, tmp_path):
 
 
 def test_pack_fits_every_example_once_within_max_length():
-    examples = [Example(tuple(range(100 * i, 100 * i + n)), (IGNORE_INDEX,) + tuple(range(100 * i + 1, 100 * i + n))) for i, n in enumerate([5, 3, 7, 2, 6, 1, 4])]
+    examples = [
+        Example(tuple(range(100 * i, 100 * i + n)), (IGNORE_INDEX,) + tuple(range(100 * i + 1, 100 * i + n)))
+        for i, n in enumerate([5, 3, 7, 2, 6, 1, 4])
+    ]
     rows = pack(examples, max_length=8)
     assert all(len(r) <= 8 for r in rows)
     assert len(rows) == 4  # 28 tokens in rows of 8: best-fit decreasing reaches the minimum

@@ -1,4 +1,5 @@
-"""Agreement, Krippendorff's alpha, Elo and win rates against values worked out by hand."""
+"""Agreement, Krippendorff's alpha, Elo, win rates and eval's aggregation (Wilson and bootstrap
+intervals, matches, best-of-n) against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -104,3 +105,69 @@ def test_elo_bootstrap_interval():
     assert free == stats.elo_with_ci(outcomes, n_bootstrap=200, seed=1)
     with pytest.raises(ValueError, match="one key per outcome"):
         stats.elo_with_ci(outcomes, clusters=["p"])
+
+
+# --- eval's aggregation ------------------------------------------------------------------------
+
+
+def test_wilson_interval_hand_computed():
+    # 7 of 10 at 95%: z = 1.959964, p = 0.7, center = (0.7 + z²/20) / (1 + z²/10) = 0.644499,
+    # half = z / (1 + z²/10) · sqrt(0.021 + z²/400) = 0.247716
+    low, high = stats.wilson_interval(7, 10, 0.95)
+    assert low == pytest.approx(0.396783, abs=1e-5) and high == pytest.approx(0.892214, abs=1e-5)
+    # 0 of 10: the lower bound is 0, the upper z² / (n + z²) = 3.841459 / 13.841459
+    low, high = stats.wilson_interval(0, 10, 0.95)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.277533, abs=1e-5)
+
+
+def test_win_rate_counts_ties_as_half():
+    outcomes = [1, 1, 1, 0.5, 0, 0.5, 1, 0, 1, 1]  # 6 wins, 2 ties, 2 losses: (6 + 1) / 10
+    w = stats.win_rate(outcomes)
+    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (6, 2, 2, 10)
+    assert w["rate"] == pytest.approx(0.7)
+    assert (w["ci_low"], w["ci_high"]) == pytest.approx((0.396783, 0.892214), abs=1e-5)
+    assert stats.win_rate([])["rate"] is None
+
+
+def test_win_rate_bootstrap_resamples_whole_prompts():
+    # prompt a: both matches won, prompt b: both lost. Resampling prompts gives 1, 0.5 or 0 with
+    # probabilities 1/4, 1/2, 1/4, so the 95% interval is [0, 1]; Wilson on 4 matches is narrower.
+    outcomes, clusters = [1, 1, 0, 0], ["a", "a", "b", "b"]
+    w = stats.win_rate(outcomes, clusters, method="bootstrap", n_bootstrap=2000, seed=0)
+    assert w["rate"] == 0.5 and (w["ci_low"], w["ci_high"]) == (0.0, 1.0)
+    assert stats.wilson_interval(2, 4)[0] > 0.1
+    same = stats.win_rate([1, 0, 1, 0], ["a", "a", "b", "b"], method="bootstrap", n_bootstrap=200)
+    assert (same["ci_low"], same["ci_high"]) == (0.5, 0.5)  # every prompt at 50%: no spread
+
+
+def test_outcomes_from_scores_and_matches():
+    assert [stats.outcome(2, 1), stats.outcome(1, 1), stats.outcome(0, 1)] == [1.0, 0.5, 0.0]
+    matches = [stats.Match("sft", "ppo", 0.0, "p1"), stats.Match("ppo", "sft", 0.5, "p2"), stats.Match("ppo", "other", 1.0, "p3")]
+    assert stats.player_outcomes(matches, "ppo", "sft") == ([1.0, 0.5], ["p1", "p2"])
+    assert stats.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": 1.0} and stats.mean_std([]) is None
+
+
+def test_elo_from_matches_hand_computed():
+    # A beats B 3 times, B beats A once; one virtual tie (the prior): P(A > B) = 3.5 / 5 = 0.7,
+    # R_A − R_B = 400 log10(0.7 / 0.3) = 147.19; the baseline B is anchored at 1000
+    matches = [stats.Match("A", "B", 1.0, f"p{i}") for i in range(3)] + [stats.Match("B", "A", 1.0, "p3")]
+    elo = stats.elo_table(matches, anchor="B", n_bootstrap=50, confidence=0.95, seed=0)
+    assert elo["ratings"]["B"]["rating"] == pytest.approx(1000.0)
+    assert elo["ratings"]["A"]["rating"] == pytest.approx(1000 + 400 * math.log10(0.7 / 0.3), abs=0.01)
+    assert elo["win_rates"]["A"]["B"] == {"win_rate": 0.75, "games": 4.0}
+    # with a tie instead of one win: A 2.5 + 0.5, B 1.5 + 0.5 -> P = 0.6, 400 log10(1.5) = 70.44
+    matches[2] = stats.Match("B", "A", 0.5, "p2")
+    elo = stats.elo_table(matches, anchor="B", n_bootstrap=50, confidence=0.95, seed=0)
+    assert elo["ratings"]["A"]["rating"] - elo["ratings"]["B"]["rating"] == pytest.approx(400 * math.log10(1.5), abs=0.01)
+    low, high = elo["ratings"]["A"]["ci_low"], elo["ratings"]["A"]["ci_high"]
+    assert low <= elo["ratings"]["A"]["rating"] <= high
+
+
+def test_rm_accuracy_and_best_of():
+    assert stats.rm_accuracy([(1, 0), (0, 1), (2, 2)]) == {"accuracy": 0.5, "pairs": 3}
+    assert stats.rm_accuracy([]) == {"accuracy": None, "pairs": 0}
+    assert stats.best_of_kl(1) == 0.0
+    assert stats.best_of_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert stats.best_of_kl(4) == pytest.approx(1.386294 - 0.75, abs=1e-6)
+    curve = stats.best_of_curve([[0, 2, 1], [3, 1, 0]])  # best of the first k: k=1 (0+3)/2, k=2 (2+3)/2, k=3 (2+3)/2
+    assert [c["score"] for c in curve] == [1.5, 2.5, 2.5] and [c["n"] for c in curve] == [1, 2, 3]

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import rlhfkit_command, subprocess_env, write_jsonl
 from rlhfkit import chat, models, rm_data
 from rlhfkit.config import TrainRMConfig
 from rlhfkit.data import records
@@ -24,7 +23,6 @@ from rlhfkit.scoring import last_token_scores, normalization
 from rlhfkit.stages import train_rm
 from rlhfkit.testing import _WORDS
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 WORD = "thanks"  # the synthetic preference: a completion that says it beats one that does not
 
 
@@ -55,20 +53,11 @@ def preference_data(n_prompts: int, k: int = 4, seed: int = 0, group: bool = Tru
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def config(model_dir, data, out, **overrides) -> TrainRMConfig:
     base = dict(
         model=str(model_dir), data=str(data), out=str(out), device="cpu", lr=3e-3, batch_size=4, epochs=3, val_fraction=0.2
     )
     return TrainRMConfig(**{**base, **overrides})
-
-
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +82,7 @@ def test_learns_a_preference_and_reports_held_out_accuracy(trained):
     assert [r["step"] for r in evals] == [10, 20, 30, 40, 50, 60]  # --eval-every 10, and at the end (3 epochs × 20 steps)
     assert evals[0]["rm/accuracy"] < evals[-1]["rm/accuracy"]
     train_rows = [r for r in rows if "loss/train" in r]
-    assert len(train_rows) == 60 and all(r["throughput/pairs_per_s"] > 0 for r in train_rows)
+    assert len(train_rows) == 60 and all(r["perf/pairs_per_s"] > 0 for r in train_rows)
     assert train_rows[-1]["loss/train"] < train_rows[0]["loss/train"]
     info = json.loads((out / "rlhfkit.json").read_text())
     assert info["stage"] == "train-rm" and info["inputs"]["data"][0]["sha256"]
@@ -321,6 +310,7 @@ print(json.dumps({"scores": scores, "pad_token_id": model.config.pad_token_id, "
 """
 
 
+@pytest.mark.slow  # subprocesses, seconds of imports each: make test-slow
 def test_plain_transformers_gives_the_same_raw_scores(trained, tokenizer, tmp_path):
     out, _, _ = trained
     encode = rm_data.Encoder(tokenizer)
@@ -359,8 +349,17 @@ def test_lora_with_val_data_and_norm_samples(tmp_path, tiny_llama_dir, tokenizer
     val_data = write_jsonl(tmp_path / "val.jsonl", preference_data(5, seed=4))
     samples = write_jsonl(
         tmp_path / "samples.jsonl",
-        [{"prompt_id": f"s{i}", "prompt": "Tell me about the sea.", "completions": [{"id": f"s{i}-{j}", "text": f"the sea {w}."} for j, w in enumerate(["is blue", "says thanks", "is long"])]} for i in range(2)],
-    )  # fmt: skip
+        [
+            {
+                "prompt_id": f"s{i}",
+                "prompt": "Tell me about the sea.",
+                "completions": [
+                    {"id": f"s{i}-{j}", "text": f"the sea {w}."} for j, w in enumerate(["is blue", "says thanks", "is long"])
+                ],
+            }
+            for i in range(2)
+        ],
+    )
     result = train_rm.run(
         config(tiny_llama_dir, data, tmp_path / "rm", lora=True, lora_r=4, epochs=1, save_adapter=True,
                val_data=str(val_data), norm_samples=str(samples))
@@ -425,10 +424,12 @@ def test_cli_trains_on_conversational_implicit_prompt_data(cli, tmp_path, tiny_l
 
 
 def _cli_args(model_dir, data, out, *extra):
-    return [sys.executable, "-m", "rlhfkit", "train-rm", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--device", "cpu",
-            "--lr", "1e-3", "--batch-size", "1", "--epochs", "2", "--val-fraction", "0.1", "--save-every", "1", *extra]  # fmt: skip
+    return rlhfkit_command("train-rm", "--model", model_dir, "--data", data, "--out", out, "--device", "cpu",
+                           "--lr", "1e-3", "--batch-size", "1", "--epochs", "2", "--val-fraction", "0.1", "--save-every", "1",
+                           *extra)  # fmt: skip
 
 
+@pytest.mark.slow  # subprocesses, seconds of imports each: make test-slow
 def test_resume_after_sigkill_is_exact(tmp_path, tiny_llama_dir):
     from safetensors.torch import load_file
 
@@ -522,8 +523,9 @@ def test_cli_errors_are_one_line(cli, tmp_path, tiny_llama_dir):
 def test_torchrun_two_processes(tmp_path, tiny_llama_dir):
     """DDP on CPU (gloo): two ranks train on their shards; rank 0 writes one model directory."""
     data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(20))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhfkit", "train-rm", "--model", str(tiny_llama_dir),
-           "--data", str(data), "--out", str(tmp_path / "rm"), "--device", "cpu", "--batch-size", "2", "--val-fraction", "0.2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rlhfkit", "train-rm",
+           "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(tmp_path / "rm"), "--device", "cpu",
+           "--batch-size", "2", "--val-fraction", "0.2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((tmp_path / "rm" / "rlhfkit.json").read_text())

@@ -62,7 +62,14 @@ def test_checkpoint_roundtrip_restores_weights_optimizer_scheduler_and_rngs(tmp_
     sched = training.make_scheduler(opt, "linear", 1, 10)
     training.seed_everything(5)
     step(model, opt, sched)
-    path = training.save_checkpoint(tmp_path, 1, modules={"policy": model}, optimizers={"policy": opt}, schedulers={"policy": sched}, state={"epoch": 0, "config": {"lr": 0.01}})
+    path = training.save_checkpoint(
+        tmp_path,
+        1,
+        modules={"policy": model},
+        optimizers={"policy": opt},
+        schedulers={"policy": sched},
+        state={"epoch": 0, "config": {"lr": 0.01}},
+    )
     assert training.latest_checkpoint(tmp_path) == path and json.loads((path / "state.json").read_text())["step"] == 1
     # continue uninterrupted
     step(model, opt, sched)

@@ -1,24 +1,204 @@
-"""One dataclass per stage: the single home of every default. The CLI reads its defaults from here,
-and the resolved config is recorded in every artifact's ``rlhfkit.json``."""
+"""One dataclass per stage: the single home of every default and of every option check. The CLI
+reads its defaults and its choices from here, and the resolved config is recorded in every
+artifact's ``rlhfkit.json``.
+
+Each config's ``check()`` looks at every option before anything is loaded and raises
+`ConfigError` naming the option (``--batch-size: must be at least 1, got 0``). Choices are
+``Literal`` types (``Schedule``, ``ValueHead``, ...): the CLI turns them into its choices, the
+checks read them with ``typing.get_args``, so a choice is written once.
+
+Below every other module but ``errors``: it imports nothing from rlhfkit besides errors.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field  # noqa: F401  (field is used by stage configs)
+import shlex
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from rlhfkit.errors import ConfigError
+
+# --- choices ----------------------------------------------------------------------------------------
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Schedule = Literal["linear", "cosine", "constant"]  # learning-rate decay after warmup
+ValueHead = Literal["separate", "policy"]  # ppo's critic: a value model, or a head on the policy
+KLEstimator = Literal["k1", "k2", "k3"]  # Schulman's estimators of KL(π‖π_ref) per token
+Interval = Literal["wilson", "bootstrap"]  # eval's win-rate interval
+RankingsFormat = Literal["auto", "native", "scores", "best-of-k", "pairwise", "label-studio", "argilla", "csv"]
+Aggregate = Literal["none", "majority"]  # rank-import: every annotator's pairs, or one by vote
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]  # --report-to: experiment trackers (rlhfkit.tracking)
+
+SCRIPT_PREFIX = "python:"  # a reward given as python:MODULE:FUNCTION
+
+
+def report_to_names(value: str | Sequence[str] | None) -> list[str]:
+    """``--report-to``: ``"none"`` (or empty) -> []; ``"tensorboard,wandb"`` (or a list) -> the
+    trackers in order, each once; an unknown name, or ``none`` with others, is a ConfigError."""
+    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    names = list(dict.fromkeys(n.strip().lower() for item in items for n in str(item).split(",") if n.strip()))
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"--report-to: 'none' cannot be combined with trackers, got {','.join(names)}")
+    unknown = [n for n in names if n != "none" and n not in choices(Tracker)]
+    if unknown:
+        raise ConfigError(
+            f"--report-to: unknown tracker {unknown[0]!r} (expected none, or {', '.join(choices(Tracker))}, comma-separated)"
+        )
+    return [n for n in names if n != "none"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` choice type: ``choices(Schedule) == ("linear", "cosine", "constant")``."""
+    return get_args(literal)
+
+
+# --- option values that are parsed, not just compared ------------------------------------------------
+
+
+def named_path(spec: str, option: str = "--policy") -> tuple[str, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare ``PATH`` is named after its directory, or its file
+    without ``.gguf``: ``named_path("runs/sft/") == ("sft", "runs/sft/")``,
+    ``named_path("ppo=/x/y") == ("ppo", "/x/y")``, ``named_path("a/b.gguf") == ("b", "a/b.gguf")``.
+    A ``=`` inside a path (a name with ``/``) does not count as a name."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or "/" in name:
+        name, path = Path(spec.rstrip("/")).name.removesuffix(".gguf") or spec, spec
+    if not path:
+        raise ConfigError(f"{option} {spec!r}: no model path")
+    return name, path
+
+
+def first_duplicate(names: Sequence[str]) -> str | None:
+    """The first name that occurs twice, or None."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+def is_script(spec: str) -> bool:
+    """Whether a reward spec is ``python:MODULE:FUNCTION`` (a scripted reward, not a model)."""
+    return spec.startswith(SCRIPT_PREFIX)
+
+
+def parse_script_spec(spec: str) -> tuple[str, str]:
+    """``python:MODULE:FUNCTION`` -> (MODULE or path/to/file.py, FUNCTION), checked for shape only."""
+    body = spec[len(SCRIPT_PREFIX) :]
+    target, sep, function = body.rpartition(":")
+    if not sep or not target or not function.isidentifier():
+        raise ConfigError(f"{spec}: expected python:MODULE:FUNCTION or python:path/to/file.py:FUNCTION")
+    return target, function
+
+
+def check_judge_command(command: str) -> None:
+    """Refuse, before any sampling, a judge command whose program cannot be found."""
+    try:
+        words = shlex.split(command)
+    except ValueError as e:
+        raise ConfigError(f"--judge {command!r}: cannot parse the command line ({e})") from None
+    if not words:
+        raise ConfigError("--judge: empty command")
+    program = words[0]
+    if "=" in program or program in ("(", "{", "exec", "env", "time"):  # shell syntax: let the shell judge it
+        return
+    if shutil.which(program) is None and not Path(program).is_file():
+        raise ConfigError(f"--judge {command!r}: program {program!r} not found")
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a / b, refusing to round (lm-human-preferences' exact_div)."""
+    if b <= 0 or a % b:
+        raise ConfigError(f"{what}: {a} is not a multiple of {b}")
+    return a // b
+
+
+# --- the checks every config shares ------------------------------------------------------------------
+
+
+def flag(name: str) -> str:
+    """The command-line option of a config field: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + name.replace("_", "-")
+
+
+class Checks:
+    """Small checks with one message shape each; every ``check()`` is written with them."""
+
+    def require(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name):
+                raise ConfigError(f"{flag(name)} is required")
+
+    def at_least(self, low: int, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < low:
+                raise ConfigError(f"{flag(name)}: must be at least {low}, got {getattr(self, name)}")
+
+    def non_negative(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)}: must be >= 0, got {getattr(self, name)}")
+
+    def positive(self, *names: str, optional: bool = False) -> None:
+        """> 0; with ``optional``, None (off) passes too."""
+        for name in names:
+            value = getattr(self, name)
+            if not (optional and value is None) and not value > 0:
+                raise ConfigError(f"{flag(name)}: must be > 0, got {value}")
+
+    def fraction(self, *names: str) -> None:
+        """In [0, 1): a share held out."""
+        for name in names:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)}: must be in [0, 1), got {getattr(self, name)}")
+
+    def one_of(self, name: str, literal: Any) -> None:
+        value = getattr(self, name)
+        if value not in choices(literal):
+            raise ConfigError(f"{flag(name)}: expected one of {', '.join(choices(literal))}, got {value!r}")
+
+    def sampling(self) -> None:
+        """Options every sampling stage has: ``max_new_tokens``, ``temperature``, ``top_p``."""
+        self.at_least(1, "max_new_tokens")
+        temperature, top_p = getattr(self, "temperature"), getattr(self, "top_p")  # noqa: B009  (fields of the sampling stages)
+        if temperature < 0:
+            raise ConfigError(f"--temperature: must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"--top-p: must be in (0, 1], got {top_p}")
 
 
 @dataclass
-class CommonConfig:
+class CommonConfig(Checks):
     """Options every command has."""
 
     seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
     skip_invalid: bool = False
-    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        """Every option checked before anything is loaded (a stage's ``run`` calls this first)."""
 
 
 @dataclass
-class TrainConfig(CommonConfig):
+class ModelConfig(CommonConfig):
+    """Options every command that loads a model has (all but rank-import)."""
+
+    device: Device = "auto"
+    dtype: DType = "auto"
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        super().check()
+        self.one_of("device", Device)
+        self.one_of("dtype", DType)
+
+
+@dataclass
+class TrainConfig(ModelConfig):
     """Options every training stage has (sft, train-rm, ppo)."""
 
     out: str = ""
@@ -31,13 +211,24 @@ class TrainConfig(CommonConfig):
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     save_adapter: bool = False
+    report_to: str = "none"  # experiment trackers for metrics.jsonl's stream: none, or tensorboard,wandb,mlflow,trackio
+
+    def check(self) -> None:
+        super().check()
+        report_to_names(self.report_to)
+        self.at_least(1, "lora_r")
+        self.non_negative("save_every", "keep_checkpoints")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.save_adapter and not self.lora:
+            raise ConfigError("--save-adapter needs --lora (there is no adapter to save)")
 
 
-# --- stage configs (each stage appends its own below) -------------------------------------------
+# --- stage configs ---------------------------------------------------------------------------------
 
 
 @dataclass
-class EvalConfig(CommonConfig):
+class EvalConfig(ModelConfig):
     """``rlhfkit eval``: compare policies with a baseline on held-out prompts."""
 
     policy: list[str] = field(default_factory=list)  # NAME=PATH or PATH (name = directory name)
@@ -55,10 +246,48 @@ class EvalConfig(CommonConfig):
     best_of: int = 0  # best-of-n from the baseline by RM score (0 = off)
     demos: str = ""  # held-out demonstrations for perplexity
     checkpoints: str = ""  # a ppo run directory: evaluate RUN/checkpoints/step-*/
-    interval: str = "wilson"  # win-rate interval: wilson or bootstrap (over prompts)
+    interval: Interval = "wilson"  # win-rate interval: wilson or bootstrap (over prompts)
     confidence: float = 0.95
     bootstrap: int = 1000  # resamples for bootstrap intervals (Elo, and win-rates with --interval bootstrap)
     judge_timeout: float = 3600.0  # seconds
+    report_to: str = "none"  # experiment trackers that get the report: none, or tensorboard,wandb,mlflow,trackio
+
+    def check(self) -> None:
+        super().check()
+        report_to_names(self.report_to)
+        if not self.policy and not self.checkpoints:
+            raise ConfigError("--policy: at least one policy to evaluate (or --checkpoints RUN)")
+        if not self.baseline:
+            raise ConfigError("--baseline: required (the policy the others are compared with, usually the SFT model)")
+        self.require("prompts")
+        self.at_least(1, "n_samples", "batch_size")
+        self.non_negative("max_prompts")
+        self.sampling()
+        if self.best_of < 0 or self.best_of == 1:
+            raise ConfigError(f"--best-of: must be 0 (off) or at least 2, got {self.best_of}")
+        if self.best_of and not self.rm:
+            raise ConfigError("--best-of: needs --rm (the reward model picks the best of n)")
+        self.one_of("interval", Interval)
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"--confidence: must be in (0, 1), got {self.confidence}")
+        if self.bootstrap < 0 or (self.interval == "bootstrap" and self.bootstrap < 1):
+            raise ConfigError(
+                f"--bootstrap: must be at least 1 with --interval bootstrap (0 allowed otherwise), got {self.bootstrap}"
+            )
+        self.positive("judge_timeout")
+        if self.judge:
+            check_judge_command(self.judge)
+        if self.rm and is_script(self.rm):
+            parse_script_spec(self.rm)
+        players = [("--baseline", self.baseline)] + [("--policy", p) for p in self.policy]
+        for option, spec in players:
+            path = named_path(spec, option)[1]
+            if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".gguf")):
+                raise ConfigError(f"{option} {spec}: no such model directory or file")
+        names = [named_path(spec, option)[0] for option, spec in players] + ([f"best-of-{self.best_of}"] if self.best_of else [])
+        duplicate = first_duplicate(names)
+        if duplicate is not None:
+            raise ConfigError(f"--policy: two models are called {duplicate!r}; name them with NAME=PATH")
 
 
 @dataclass
@@ -75,7 +304,7 @@ class TrainRMConfig(TrainConfig):
     batch_size: int = 8  # batch elements per micro-batch and device: groups (rankings), or pairs without 'group'
     grad_accum: int = 1
     lr: float = 1e-5
-    schedule: str = "linear"  # linear, cosine or constant, after warmup
+    schedule: Schedule = "linear"  # after warmup
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -85,6 +314,16 @@ class TrainRMConfig(TrainConfig):
     eval_batch_size: int = 16
     log_every: int = 1
     norm_samples: str = ""  # samples or comparisons whose completions set the normalisation ("" = training completions)
+
+    def check(self) -> None:
+        super().check()
+        self.require("model", "data", "out")
+        self.at_least(1, "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm", "center_rewards_coef")
+        self.positive("lr")
+        self.fraction("val_fraction")
+        self.at_least(2, "max_length")
+        self.one_of("schedule", Schedule)
 
 
 @dataclass
@@ -98,7 +337,7 @@ class SFTConfig(TrainConfig):
     epochs: int = 3
     max_steps: int = 0  # stop after N optimizer steps (0 = run every epoch); overrides --epochs
     lr: float = 2e-5
-    schedule: str = "cosine"  # cosine, linear or constant, after warmup
+    schedule: Schedule = "cosine"  # after warmup
     warmup_steps: int = 0  # linear warmup steps; when 0, --warmup-ratio of the total steps
     warmup_ratio: float = 0.0
     batch_size: int = 8  # rows per micro-batch and device
@@ -113,9 +352,23 @@ class SFTConfig(TrainConfig):
     eval_batch_size: int = 16
     log_every: int = 10  # optimizer steps per metrics.jsonl line
 
+    def check(self) -> None:
+        super().check()
+        self.require("model", "data", "out")
+        self.at_least(1, "batch_size", "grad_accum", "log_every", "eval_batch_size")
+        self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm")
+        if self.max_steps == 0 and self.epochs < 1:
+            raise ConfigError(f"--epochs: must be at least 1 (or give --max-steps), got {self.epochs}")
+        self.positive("lr")
+        self.at_least(2, "max_length")
+        self.fraction("val_fraction", "warmup_ratio")
+        if self.val_data and self.val_fraction > 0:
+            raise ConfigError("--val-data and --val-fraction: give one or the other")
+        self.one_of("schedule", Schedule)
+
 
 @dataclass
-class CollectConfig(CommonConfig):
+class CollectConfig(ModelConfig):
     """``rlhfkit collect``: K completions per prompt from one or more policies, for labelers."""
 
     policy: list[str] = field(default_factory=list)  # NAME=PATH or PATH (name = directory or file name)
@@ -131,6 +384,18 @@ class CollectConfig(CommonConfig):
     dedup: bool = False  # drop a completion whose text repeats one already kept for the prompt
     max_prompts: int = 0  # 0 = every prompt
 
+    def check(self) -> None:
+        super().check()
+        self.require("policy", "prompts", "out")
+        self.at_least(1, "k", "batch_size")
+        self.non_negative("top_k", "max_prompts")
+        self.sampling()
+        if not all(self.stop):
+            raise ConfigError("--stop: an empty stop string")
+        duplicate = first_duplicate([named_path(spec)[0] for spec in self.policy])
+        if duplicate is not None:
+            raise ConfigError(f"--policy: the name {duplicate!r} is given twice; name them apart with NAME=PATH")
+
 
 @dataclass
 class RankImportConfig(CommonConfig):
@@ -139,14 +404,28 @@ class RankImportConfig(CommonConfig):
     rankings: str = ""  # rankings file, or - for stdin
     samples: str = ""  # the samples the rankings refer to (collect output)
     out: str = ""  # comparisons JSONL, or - for stdout
-    format: str = "auto"  # auto, native, scores, best-of-k, pairwise, label-studio, argilla, csv
+    format: RankingsFormat = "auto"  # auto = detected from the first record (or a .csv name)
     val_fraction: float = 0.0  # share of prompts (by hash of the prompt id) written to --val-out
     val_out: str = ""  # "" = OUT with ".val" before its extension (pairs.jsonl -> pairs.val.jsonl)
     stats: str = ""  # write the statistics as JSON here too
     tie_pairs: bool = False  # a tie gives a margin-0 pair (else no pair)
     score_margin: bool = False  # scores format: margin = score difference
-    aggregate: str = "none"  # none (every annotator's pairs) or majority
+    aggregate: Aggregate = "none"  # none (every annotator's pairs) or majority
     bootstrap: int = 200  # resamples of prompts for the Elo confidence intervals
+
+    def check(self) -> None:
+        super().check()
+        if not self.rankings:
+            raise ConfigError("RANKINGS is required (a rankings file, or - for stdin)")
+        self.require("samples", "out")
+        self.one_of("format", RankingsFormat)
+        self.one_of("aggregate", Aggregate)
+        self.fraction("val_fraction")
+        if self.val_fraction > 0 and self.out == "-" and not self.val_out:
+            raise ConfigError("--val-fraction with --out -: give --val-out FILE for the validation pairs")
+        self.non_negative("bootstrap")
+        if self.rankings == "-" and self.samples == "-":
+            raise ConfigError("RANKINGS and --samples cannot both be stdin")
 
 
 @dataclass
@@ -162,7 +441,7 @@ class PPOConfig(TrainConfig):
     ref: str = ""  # the KL reference when it is not --policy (iterated RLHF: continue from a PPO policy, stay close to SFT)
     rm: str = ""  # reward-model directory, one-label classifier, or python:MODULE:FUNCTION
     prompts: str = ""
-    value_head: str = "separate"  # separate (a value model) or policy (a linear head on the policy)
+    value_head: ValueHead = "separate"  # separate (a value model) or policy (a linear head on the policy)
     value_model: str = ""  # "" = initialise the value model from --rm (from --policy for a scripted reward)
     steps: int = 100  # PPO steps (rollout + update)
     batch_size: int = 16  # rollouts per step (per process)
@@ -177,7 +456,7 @@ class PPOConfig(TrainConfig):
     stop: list[str] = field(default_factory=list)  # stop strings (besides EOS)
     generation_batch_size: int = 0  # prompts per generation call (0 = the whole batch)
     lr: float = 1e-5
-    schedule: str = "linear"  # linear (annealed to 0 over --steps), cosine or constant
+    schedule: Schedule = "linear"  # linear = annealed to 0 over --steps
     warmup_steps: int = 0
     weight_decay: float = 0.0
     adam_eps: float = 1e-5  # lm-human-preferences; PyTorch's 1e-8 differs
@@ -185,7 +464,7 @@ class PPOConfig(TrainConfig):
     kl_coef: float = 0.05  # β, the initial β when --target-kl is set
     target_kl: float | None = None  # adaptive β (Ziegler et al. 2019): per-sequence KL to aim at
     kl_horizon: int = 10000  # adaptive β horizon, in rollouts
-    kl_estimator: str = "k1"  # k1, k2 or k3
+    kl_estimator: KLEstimator = "k1"
     reward_clip: float | None = None  # clip normalised scores to [-c, c]
     missing_eos_penalty: float | None = None  # score given to a completion that never stopped
     whiten_rewards: bool = False
@@ -201,3 +480,41 @@ class PPOConfig(TrainConfig):
     ptx_max_length: int = 512
     sample_every: int = 10  # print and record a few samples every N steps (0 = never)
     num_samples: int = 4  # rows in each sample table
+
+    def check(self) -> None:
+        super().check()
+        self.require("policy", "rm", "prompts", "out")
+        self.at_least(1, "steps", "batch_size", "grad_accum", "ppo_epochs", "max_new_tokens", "kl_horizon", "num_samples")
+        self.non_negative(
+            "mini_batch_size",
+            "max_prompt_length",
+            "generation_batch_size",
+            "ptx_batch_size",
+            "sample_every",
+            "warmup_steps",
+            "top_k",
+        )
+        mini = self.mini_batch_size or self.batch_size
+        exact_div(self.batch_size, mini, "--batch-size must be a multiple of --mini-batch-size")
+        exact_div(mini, self.grad_accum, "--mini-batch-size must be a multiple of --grad-accum")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature: must be > 0 (PPO scores the sampling distribution), got {self.temperature}")
+        self.sampling()
+        self.one_of("kl_estimator", KLEstimator)
+        self.one_of("value_head", ValueHead)
+        self.one_of("schedule", Schedule)
+        if self.ref and self.lora:
+            raise ConfigError("--ref: not with --lora (the LoRA reference is the policy's own backbone with the adapter off)")
+        if self.value_head == "policy" and self.value_model:
+            raise ConfigError("--value-model: only with --value-head separate (a head on the policy has no model of its own)")
+        self.non_negative("kl_coef", "vf_coef", "max_grad_norm", "weight_decay", "adam_eps", "ptx_coef")
+        self.positive("target_kl", "reward_clip", "early_stop_kl", optional=True)
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"--{name}: must be in [0, 1], got {getattr(self, name)}")
+        self.positive("cliprange", "cliprange_value", "lr")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("--ptx-coef: needs --ptx-data (the demonstrations or text to keep modelling)")
+        self.at_least(2, "ptx_max_length")
+        if is_script(self.rm):
+            parse_script_spec(self.rm)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.losses import _scaled, entropy_from_logits, logprobs_from_logits
+from rlhfkit.losses import entropy_from_logits, logprobs_from_logits, scale_logits
 
 
 @dataclass
@@ -56,7 +56,9 @@ class Rollout:
         return text
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> (ids, mask), both (B, P), padded on the left."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -68,7 +70,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.
     return ids.to(device), mask.to(device)
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu", width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(
+    seqs: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu", width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> (ids, mask), both (B, T), padded on the right."""
     width = width if width is not None else max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
@@ -80,7 +84,9 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device: torch.de
     return ids.to(device), mask.to(device)
 
 
-def join(query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def join(
+    query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), both (B, P+T): the left-padded prompt followed by the right-padded response,
     the one sequence that policy, reference, value and reward models all read."""
     return torch.cat([query, response], dim=1), torch.cat([query_mask, response_mask], dim=1)
@@ -159,7 +165,14 @@ def sample(
     model.eval()
     try:
         for t in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             cache = _cache_of(out)
             logits = out.logits[:, -1, :].float()  # (A, V), A = active rows
             if temperature > 0:
@@ -258,14 +271,14 @@ def policy_logprobs(
     entropy = None
     if with_entropy and not torch.is_grad_enabled():
         # the rollout pass: one log-softmax gives both (the same ops as `logprobs_from_logits`, so the same bits)
-        log_softmax = torch.log_softmax(_scaled(logits, temperature), dim=-1)  # (B, T, V)
+        log_softmax = torch.log_softmax(scale_logits(logits, temperature), dim=-1)  # (B, T, V)
         logprobs = log_softmax.gather(-1, response.unsqueeze(-1)).squeeze(-1) * response_mask
         entropy = -(log_softmax.exp() * log_softmax).sum(-1) * response_mask
     else:
         logprobs = logprobs_from_logits(logits, response, temperature) * response_mask
         if with_entropy:
             with torch.no_grad():
-                entropy = entropy_from_logits(_scaled(logits, temperature)) * response_mask
+                entropy = entropy_from_logits(scale_logits(logits, temperature)) * response_mask
     hidden = out.hidden_states[-1][:, -T - 1 : -1] if with_hidden else None  # (B, T, H)
     return logprobs, entropy, hidden
 
@@ -281,5 +294,7 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of ``response`` after ``query`` under ``logits / temperature`` (and the
     per-token entropy when asked); masked positions are 0. See `policy_logprobs`."""
-    logprobs, entropy, _ = policy_logprobs(model, query, query_mask, response, response_mask, temperature, with_entropy=with_entropy)
+    logprobs, entropy, _ = policy_logprobs(
+        model, query, query_mask, response, response_mask, temperature, with_entropy=with_entropy
+    )
     return logprobs, entropy

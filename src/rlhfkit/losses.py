@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.config import KLEstimator, choices
+
 __all__ = [
     "masked_mean",
     "masked_var",
@@ -45,9 +47,11 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "lm_loss",
+    "nll_sum",
+    "scale_logits",
 ]
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = choices(KLEstimator)  # ("k1", "k2", "k3")
 WHITEN_EPS = 1e-8
 
 
@@ -127,7 +131,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        log_softmax = torch.log_softmax(_scaled(logits, temperature), dim=-1)  # (B, T, V)
+        log_softmax = torch.log_softmax(scale_logits(logits, temperature), dim=-1)  # (B, T, V)
         ctx.save_for_backward(log_softmax, tokens)
         ctx.temperature = temperature
         return log_softmax.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -143,8 +147,10 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_logits, None, None
 
 
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature  # x / 1.0 == x: skip the full-size division
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, the distribution sampling drew from; at temperature 1 the logits
+    themselves (x / 1.0 == x: the full-size division is skipped). Shapes: any → the same."""
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -161,7 +167,7 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TokenLogprobs.apply(logits, tokens, float(temperature))
-    return torch.log_softmax(_scaled(logits, temperature), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(scale_logits(logits, temperature), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -364,6 +370,7 @@ def bradley_terry_loss(
     rejected_rewards: torch.Tensor,
     margin: torch.Tensor | float | None = None,
     ties: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley–Terry pairwise loss of a reward model (InstructGPT eq. 1; margin as in Llama 2).
 
@@ -374,17 +381,24 @@ def bradley_terry_loss(
     their term is −½[log σ(d_i) + log σ(−d_i)] with d = r_c − r_r, the likelihood of either order
     at probability ½, smallest at d = 0 (log 2 there; 0.8133 at d = ±1); no margin applies to them.
 
-    Stats (detached): `accuracy` = mean_i [r_c,i > r_r,i] (a tie counts as wrong),
-    `margin_mean` = mean_i (r_c,i − r_r,i), both over the pairs that are not marked as ties.
+    ``weights`` (optional, (N,) ≥ 0) make the mean a weighted one, Σ_i w_i·L_i / Σ_i w_i: a
+    bootstrap resample of the pairs (a pair drawn twice has weight 2, one not drawn weight 0), as
+    the members of a reward-model ensemble use. Example: losses log 2 and 0.31326 with weights
+    (1, 3) give (0.69315 + 3·0.31326)/4 ≈ 0.40823.
 
-    Shapes: `chosen_rewards`, `rejected_rewards` (N,); `margin` a float or (N,); `ties` (N,) → 0-d loss.
+    Stats (detached): `accuracy` = mean_i [r_c,i > r_r,i] (a tie counts as wrong),
+    `margin_mean` = mean_i (r_c,i − r_r,i), both over the pairs that are not marked as ties
+    (unweighted: they describe the data, not the resample).
+
+    Shapes: `chosen_rewards`, `rejected_rewards` (N,); `margin` a float or (N,); `ties`, `weights`
+    (N,) → 0-d loss.
     """
     diff = chosen_rewards - rejected_rewards  # (N,)
     logits = diff if margin is None else diff - margin
     losses = -F.logsigmoid(logits)  # (N,)
     if ties is not None:
         losses = torch.where(ties, -0.5 * (F.logsigmoid(diff) + F.logsigmoid(-diff)), losses)
-    loss = losses.mean()
+    loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp_min(1e-12)
     with torch.no_grad():
         ordered = torch.ones_like(diff, dtype=torch.bool) if ties is None else ~ties
         stats = {
@@ -510,6 +524,16 @@ class FixedKLController:
 # ---------------------------------------------------------------------------------------------
 
 
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Σ −log softmax(logits)[target] over the positions whose target is not ``ignore_index``, in
+    float32 whatever the logits' dtype.
+
+    Shapes: `logits` (..., V), `targets` (...) int64 → a scalar. Example: uniform logits over
+    V = 4 and three targets give 3·log 4 ≈ 4.1589.
+    """
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+
+
 def lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None, ignore_index: int = -100
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -525,7 +549,7 @@ def lm_loss(
     here, as transformers does) → a scalar. ``stats``: ``nll_sum`` and ``tokens`` (detached).
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T): position t predicts t+1
-    nll_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+    total = nll_sum(logits, targets, ignore_index)
     tokens = (targets != ignore_index).sum()
     denominator = tokens.clamp(min=1) if normalizer is None else normalizer
-    return nll_sum / denominator, {"nll_sum": nll_sum.detach(), "tokens": tokens.detach()}
+    return total / denominator, {"nll_sum": total.detach(), "tokens": tokens.detach()}

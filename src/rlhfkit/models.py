@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from rlhfkit.config import Device, DType, choices
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.provenance import RunInfo
+from rlhfkit.tracking import RUN_FILES as TRACKER_FILES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in choices(DType) if name != "auto"}  # float32, bfloat16, float16
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -31,8 +33,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device: expected auto, cpu, cuda or mps, got {name!r}")
+    if name not in choices(Device):
+        raise ConfigError(f"--device: expected one of {', '.join(choices(Device))}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     if name == "cuda":
@@ -165,7 +167,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "stats.json")
+# a training run's files in OUT, and its experiment trackers' (--report-to)
+RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "stats.json", *TRACKER_FILES)
 
 
 def save_model_dir(
@@ -177,7 +180,8 @@ def save_model_dir(
     extra: dict[str, Any] | None = None,
     keep: tuple[str, ...] = RUN_FILES,
 ) -> Path:
-    """Write ``out`` atomically: ``save_pretrained`` output (safetensors) + tokenizer + ``rlhfkit.json``.
+    """Write ``out`` atomically: ``save_pretrained`` output (safetensors) + tokenizer + ``rlhfkit.json``
+    + ``README.md``, the model card (`rlhfkit.modelcard`), + ``curves.png`` for a training run.
 
     The directory is assembled under a temporary name beside ``out`` and renamed into place, so a
     crash leaves either the previous directory or the complete new one, never a half-written one.
@@ -189,12 +193,14 @@ def save_model_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        unwrapped = getattr(model, "module", model)  # DDP
         with _quiet_transformers():
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         info.write(tmp / "rlhfkit.json", metrics or {}, **(extra or {}))
+        from rlhfkit.modelcard import finish_model_dir
+
+        finish_model_dir(tmp, out)  # README.md (the model card), curves.png of the run, and the end of its trackers
         for name in keep:
             if (out / name).exists() and not (tmp / name).exists():
                 os.replace(out / name, tmp / name)
@@ -203,6 +209,25 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+ADAPTER_DIR = "adapter"  # OUT/adapter/: the LoRA adapter alone, with --save-adapter
+
+
+def save_adapter(model: Any, target_dir: str | os.PathLike) -> Path:
+    """Write a peft model's adapter (and any trained head) alone as ``target_dir`` (peft format,
+    safetensors; loadable with ``PeftModel.from_pretrained``), atomically: assembled beside it under
+    a hidden name, then renamed into place. ``model`` is the peft model itself, not a DDP wrapper."""
+    target = Path(target_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -242,12 +267,15 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def apply_lora(model: Any, *, r: int, alpha: int, dropout: float = 0.0, target_modules: str = "all-linear", kind: str = "causal-lm") -> Any:
+def apply_lora(
+    model: Any, *, r: int, alpha: int, dropout: float = 0.0, target_modules: str = "all-linear", kind: str = "causal-lm"
+) -> Any:
     """Wrap ``model`` with LoRA adapters (peft): only the adapters (and a reward model's score
     head) train. ``target_modules`` is ``all-linear`` or a comma-separated list of module names."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets: str | list[str] = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
+    names = [t.strip() for t in target_modules.split(",") if t.strip()]
+    targets: str | list[str] = target_modules if target_modules == "all-linear" else names
     task = TaskType.CAUSAL_LM if kind == "causal-lm" else TaskType.SEQ_CLS
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task)
     try:
@@ -256,11 +284,17 @@ def apply_lora(model: Any, *, r: int, alpha: int, dropout: float = 0.0, target_m
         raise ConfigError(f"--lora-target-modules: {_first_line(e)}") from None
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft wrapper (its LoRA layers stay in it and stay active), or
+    ``model`` itself. Training wrappers (DDP, ``torch.compile``) are `training.unwrap`'s: the
+    modules of this layer are handed unwrapped models."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def merged(model: Any) -> Any:
     """The plain model to save: LoRA adapters merged into the weights (a copy; ``model`` keeps its adapters)."""
     import copy
 
-    model = getattr(model, "module", model)
     if hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
     return model

@@ -42,11 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.config import RankingsFormat, choices
 from rlhfkit.data.files import read_records
 from rlhfkit.data.records import Completion, Conversation, RecordError, Samples, get_field, split_shared_prefix
 from rlhfkit.errors import ConfigError, DataError
 
-FORMATS = ("native", "scores", "best-of-k", "pairwise", "label-studio", "argilla", "csv")
+FORMATS = tuple(f for f in choices(RankingsFormat) if f != "auto")  # native, scores, best-of-k, ...
 PROMPT_FIELDS = ("prompt", "instruction", "input", "question")  # where exports keep the prompt text
 
 
@@ -258,7 +259,11 @@ def read_label_studio(record: dict) -> list[RawJudgement]:
     completion ids (build the task's ``items`` from the samples: ``{"id": completion id, ...}``).
     Pairwise results: ``value.selected`` is ``left`` or ``right``; the two sides are the task's
     ``left``/``right`` data, or the two entries of its ``items``/``completions``, as ids or texts.
+    A JSON-MIN export (one flat record per annotation: the task's data fields, then each control's
+    results under its name, ``"rank": [{"ranker": ...}]``, and ``annotator``) reads the same way.
     """
+    if "annotations" not in record:
+        record = _label_studio_from_min(record)
     data = get_field(record, "data", dict)
     annotations = get_field(record, "annotations", list)
     prompt_id = _optional_str(data, "prompt_id")
@@ -294,6 +299,27 @@ def read_label_studio(record: dict) -> list[RawJudgement]:
     if not out:
         raise RecordError("annotations", "no annotation (all cancelled or none made)")
     return out
+
+
+def _is_min_results(value: Any) -> bool:
+    """A JSON-MIN column of Ranker or Pairwise results: ``[{"ranker": ...}]`` or ``[{"selected": "left"}]``."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, dict) and ("ranker" in v or v.get("selected") in ("left", "right")) for v in value)
+    )
+
+
+def _label_studio_from_min(record: dict) -> dict:
+    """A JSON-MIN record as the JSON export's task with one annotation."""
+    results = [
+        {"type": "ranker" if "ranker" in v else "pairwise", "from_name": k, "value": v}
+        for k, values in record.items()
+        if _is_min_results(values)
+        for v in values
+    ]
+    data = {k: v for k, v in record.items() if not _is_min_results(v)}
+    return {"data": data, "annotations": [{"completed_by": record.get("annotator"), "result": results}]}
 
 
 def _label_studio_user(value: Any) -> str | None:
@@ -365,11 +391,14 @@ def read_argilla(record: dict) -> list[RawJudgement]:
     and the flattened export (``question.responses``, ``question.responses.users``,
     ``question.responses.status`` columns). A ranking value is a list of options best first, or
     of ``{"value", "rank"}`` (equal ranks tie). An option is a completion id, or the name of a
-    record field that holds the completion (``response_1`` -> ``fields.response_1``).
+    record field that holds the completion (``response_1`` -> ``fields.response_1``); when the
+    metadata names that field's completion id (``response_1_id``, as ``rlhfkit label --export
+    argilla`` writes), the id is used, so that two completions with the same text stay two.
     """
     fields = record.get("fields") if isinstance(record.get("fields"), dict) else {}
     metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    lookup = {**{k: v for k, v in record.items() if isinstance(v, str)}, **fields}
+    strings = {**record, **metadata}  # the flattened export keeps metadata at the top level
+    lookup = {**{k: v for k, v in strings.items() if isinstance(v, str)}, **fields}
     prompt_id = _optional_str(record, "prompt_id") or _optional_str(metadata, "prompt_id") or _optional_str(fields, "prompt_id")
     prompt = _prompt_text(fields) or _prompt_text(record)
     responses = list(_argilla_responses(record))
@@ -432,6 +461,8 @@ def _argilla_tiers(value: list, field: str, lookup: dict) -> tuple[tuple[Ref, ..
         if not isinstance(option, (str, int)) or isinstance(option, bool):
             raise RecordError(where, f"expected an option value, got {type(option).__name__}")
         option = str(option)
+        if isinstance(lookup.get(f"{option}_id"), str) and isinstance(lookup.get(option), str):
+            return Ref(lookup[f"{option}_id"], where)  # the field's completion id, kept in the metadata
         text = lookup.get(option)
         # an option that names a record field stands for that field's text (or id)
         return Ref(text, where, "id-or-text") if isinstance(text, str) else Ref(option, where)
@@ -459,11 +490,18 @@ READERS: dict[str, Callable[[dict], list[RawJudgement]]] = {
 # --- detection ----------------------------------------------------------------------------------
 
 
+def is_abstention(record: dict) -> bool:
+    """A record in which the annotator declined to judge (``rlhfkit label``'s "can't judge"):
+    ``{"prompt_id", "ranking": [], "flag": reason, ...}``. Counted, never an error, no pairs."""
+    flag = record.get("flag")
+    return record.get("ranking") == [] and isinstance(flag, str) and bool(flag.strip())
+
+
 def detect_format(record: dict) -> str | None:
     """The format of one JSON record (or CSV row), from its keys; None if it is none of them."""
     keys = {k for k, v in record.items() if v not in (None, "")}
-    if "data" in keys and "annotations" in keys:
-        return "label-studio"
+    if ("data" in keys and "annotations" in keys) or any(_is_min_results(v) for v in record.values()):
+        return "label-studio"  # the JSON export, or JSON-MIN
     if ("responses" in keys and isinstance(record["responses"], (dict, list))) or any(k.endswith(".responses") for k in keys):
         return "argilla"
     if "ranking" in keys:
@@ -699,6 +737,7 @@ class LoadedRankings:
     judgements: list[Judgement]
     records: int
     skipped: int
+    abstained: int = 0  # records of an annotator who could not judge (`is_abstention`)
 
 
 @dataclass
@@ -723,10 +762,11 @@ def read_rankings(source: str, fmt: str = "auto") -> RankingRows:
     name = "<stdin>" if source == "-" else source
     is_csv = fmt == "csv" or is_csv_source(source)
     rows = list(read_csv_rows(source) if is_csv else read_records(source))
-    row_format = fmt if fmt not in ("auto", "csv") else detect_format(rows[0][1])
+    first_line, first = next(((line, r) for line, r in rows if not is_abstention(r)), rows[0])
+    row_format = fmt if fmt not in ("auto", "csv") else detect_format(first)
     if row_format is None:
-        keys = ", ".join(sorted(rows[0][1])[:8])
-        raise DataError(name, rows[0][0], None, f"cannot tell the rankings format from the keys ({keys}); name it with --format")
+        keys = ", ".join(sorted(first)[:8])
+        raise DataError(name, first_line, None, f"cannot tell the rankings format from the keys ({keys}); name it with --format")
     if is_csv and row_format == "scores" and "scores" not in rows[0][1]:
         try:
             rows = group_score_rows(rows)
@@ -744,9 +784,12 @@ def check_rankings(read: RankingRows, index: SampleIndex, *, skip_invalid: bool 
     """
     name, row_format, rows = read.source, read.row_format, read.rows
     judgements: list[Judgement] = []
-    skipped = 0
+    skipped = abstained = 0
     seen_rankings: dict[tuple, int] = {}
     for line, record in rows:
+        if is_abstention(record):
+            abstained += 1
+            continue
         try:
             raws = READERS[row_format](record)
             resolved = [resolve(raw, index, line) for raw in raws]
@@ -759,8 +802,9 @@ def check_rankings(read: RankingRows, index: SampleIndex, *, skip_invalid: bool 
             continue
         judgements.extend(resolved)
     if not judgements:
-        raise DataError(name, None, None, f"no valid rankings ({skipped} invalid skipped)")
-    return LoadedRankings(read.format, row_format, read.detected, judgements, len(rows), skipped)
+        also = f", {abstained} abstentions" if abstained else ""
+        raise DataError(name, None, None, f"no valid rankings ({skipped} invalid skipped{also})")
+    return LoadedRankings(read.format, row_format, read.detected, judgements, len(rows), skipped, abstained)
 
 
 def load_rankings(source: str, index: SampleIndex, fmt: str = "auto", *, skip_invalid: bool = False) -> LoadedRankings:

@@ -21,7 +21,6 @@ from typing import Any
 
 from rlhfkit.data.files import atomic_open
 
-PLOTS = ("reward_vs_kl.png", "winrate.png", "elo.png")
 JUDGE_LABELS = {"rm": "reward model", "judge": "judge"}
 COLORS = {"rm": "#4C72B0", "judge": "#DD8452"}
 

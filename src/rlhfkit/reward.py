@@ -33,10 +33,9 @@ from typing import Any
 import torch
 
 from rlhfkit.chat import encode_completion, encode_prompt
+from rlhfkit.config import is_script, parse_script_spec
 from rlhfkit.data.records import Conversation
 from rlhfkit.errors import ConfigError, RlhfkitError
-
-SCRIPT_PREFIX = "python:"
 
 
 class Reward:
@@ -99,7 +98,9 @@ class ModelReward(Reward):
         self.gain, self.bias, self.batch_size = gain, bias, max(1, batch_size)
         self.device = next(model.parameters()).device
 
-    def raw_scores(self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None) -> torch.Tensor:
+    def raw_scores(
+        self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None
+    ) -> torch.Tensor:
         from rlhfkit.generation import join, right_pad
         from rlhfkit.scoring import last_token_scores
 
@@ -132,7 +133,9 @@ def _same_vocab(a: Any, b: Any) -> bool:
     return a is b or (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.bos_token_id == b.bos_token_id)
 
 
-def _load_model_reward(spec: str, tokenizer: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, batch_size: int) -> ModelReward:
+def _load_model_reward(
+    spec: str, tokenizer: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, batch_size: int
+) -> ModelReward:
     from rlhfkit import models
     from rlhfkit.provenance import read_run_info
     from rlhfkit.scoring import normalization
@@ -140,7 +143,10 @@ def _load_model_reward(spec: str, tokenizer: Any, device: torch.device, dtype: t
     model = models.load_model(spec, kind="reward", dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     architectures = getattr(model.config, "architectures", None) or []
     if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise RlhfkitError(f"{spec}: not a reward model ({architectures[0]}); give a one-label sequence classifier (rlhfkit train-rm) or python:MODULE:FUNCTION")
+        raise RlhfkitError(
+            f"{spec}: not a reward model ({architectures[0]}); "
+            "give a one-label sequence classifier (rlhfkit train-rm) or python:MODULE:FUNCTION"
+        )
     if int(getattr(model.config, "num_labels", 1)) != 1:
         raise RlhfkitError(f"{spec}: a reward model has one label, this classifier has {model.config.num_labels}")
     models.disable_dropout(model)
@@ -165,7 +171,9 @@ class ScriptedReward(Reward):
     def __init__(self, spec: str, fn: Callable[..., Any], device: torch.device):
         self.name, self.fn, self.device = spec, fn, device
 
-    def raw_scores(self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None) -> torch.Tensor:
+    def raw_scores(
+        self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None
+    ) -> torch.Tensor:
         try:
             values = self.fn(list(prompts), list(completions))
         except Exception as e:  # the user's code: report it as a one-line error naming the function
@@ -180,15 +188,6 @@ class ScriptedReward(Reward):
         if bad is not None:
             raise RlhfkitError(f"{self.name}: returned a non-finite score ({bad})")
         return torch.tensor(values, dtype=torch.float32, device=self.device)
-
-
-def parse_script_spec(spec: str) -> tuple[str, str]:
-    """``python:MODULE:FUNCTION`` -> (MODULE or path/to/file.py, FUNCTION), checked for shape only."""
-    body = spec[len(SCRIPT_PREFIX) :]
-    target, sep, function = body.rpartition(":")
-    if not sep or not target or not function.isidentifier():
-        raise ConfigError(f"{spec}: expected python:MODULE:FUNCTION or python:path/to/file.py:FUNCTION")
-    return target, function
 
 
 def load_script(spec: str) -> Callable[..., Any]:
@@ -221,10 +220,6 @@ def load_script(spec: str) -> Callable[..., Any]:
 
 
 # --- entry point --------------------------------------------------------------------------------
-
-
-def is_script(spec: str) -> bool:
-    return spec.startswith(SCRIPT_PREFIX)
 
 
 def load_reward(

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from rlhfkit.generation import position_ids_from_mask
+from rlhfkit.models import base_model
 
 
 def classifier_parts(model: Any) -> tuple[Any, torch.nn.Module]:
-    """(backbone, head) of a sequence classifier, through a PEFT or DDP wrapper."""
-    model = getattr(model, "module", model)  # DDP
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
+    """(backbone, head) of a sequence classifier, through a peft wrapper (not a DDP one: unwrap first)."""
+    model = base_model(model)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if head is None:
         raise TypeError(f"{type(model).__name__} has no 'score' or 'classifier' head")
@@ -37,17 +36,12 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions[None, :] * (mask != 0)).argmax(-1)
 
 
-def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The head applied at every position: (B, L). Used as per-token values by the value model."""
-    backbone, head = classifier_parts(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-    return head(hidden).squeeze(-1).float()  # (B, L)
-
-
 def last_token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The score at the last real token of each row: (B,). Only that hidden state goes through the head."""
     backbone, head = classifier_parts(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
     last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_index(attention_mask)]  # (B, H)
     return head(last).squeeze(-1).float()
 

@@ -6,7 +6,11 @@ Plain functions over plain Python values (no torch, no files), shared by ``rank-
 * `pairwise_agreement` and `krippendorff_alpha` measure how consistently annotators judge the same
   couples of completions (InstructGPT reports the first: 72.6% between labelers);
 * `win_matrix`, `win_rates`, `elo_ratings` and `elo_with_ci` rate players (policies) from a list of
-  ``(winner, loser)`` outcomes, with bootstrap confidence intervals.
+  ``(winner, loser)`` outcomes, with bootstrap confidence intervals;
+* eval's aggregation: `Match` (two models' completions of one row met), `outcome` (a match decided
+  by scores), `player_outcomes`, `win_rate` (a proportion with a `wilson_interval` or a bootstrap
+  over prompts), `elo_table` (`elo_with_ci` on matches), `rm_accuracy` (the reward model against a
+  judge), `best_of_kl` and `best_of_curve` (best-of-n at its analytic KL), `mean_std`.
 
 Elo here is the maximum-likelihood Bradley–Terry fit on the Elo scale (what Chatbot Arena reports),
 not the online update: it does not depend on the order of the games, so the same judgements always
@@ -16,12 +20,16 @@ give the same ratings. ``P(i beats j) = 1 / (1 + 10^((R_j - R_i) / 400))``.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from rlhfkit.config import Interval, choices
+from rlhfkit.errors import ConfigError
 
 ELO_SCALE = 400.0
 ELO_BASE = 1000.0
@@ -285,3 +293,163 @@ def rounded(value: float | None, digits: int = 4) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return round(float(value), digits)
+
+
+# --- eval: matches, win-rates with intervals, best-of-n ----------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float] | None:
+    """``{"mean", "std"}`` (population std, ddof 0) or None for no values."""
+    if not values:
+        return None
+    mean = math.fsum(values) / len(values)
+    var = math.fsum((v - mean) ** 2 for v in values) / len(values)
+    return {"mean": mean, "std": math.sqrt(var)}
+
+
+def z_value(confidence: float) -> float:
+    """The two-sided normal quantile: 1.95996... for 0.95."""
+    return statistics.NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``successes / n`` (Wilson 1927).
+
+    ``center = (p + z²/2n) / (1 + z²/n)``, ``half = z / (1 + z²/n) · sqrt(p(1−p)/n + z²/4n²)``.
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at p = 0 or 1 and small n.
+    With ties counted ½ the true variance is below p(1−p)/n, so the interval is conservative.
+    Example: 7 of 10 at 95% gives [0.3968, 0.8922].
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    z = z_value(confidence)
+    p = successes / n
+    denominator = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n)))
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def outcome(score_a: float, score_b: float) -> float:
+    """A match decided by scores: 1.0 if a wins, 0.5 for a tie, 0.0 if b wins."""
+    return 1.0 if score_a > score_b else 0.5 if score_a == score_b else 0.0
+
+
+def win_rate(
+    outcomes: Sequence[float],
+    clusters: Sequence[Hashable] | None = None,
+    *,
+    method: str = "wilson",
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Win-rate of a player from its match outcomes (1 win, 0.5 tie, 0 loss), with an interval.
+
+    ``wilson``: the Wilson score interval with ``successes = wins + ties/2`` over ``n`` matches.
+    ``bootstrap``: the percentile interval of the win-rate over resamples of whole ``clusters``
+    (the prompts: the matches of one prompt are not independent), ``n_bootstrap`` times.
+    """
+    n = len(outcomes)
+    wins = sum(1 for o in outcomes if o == 1.0)
+    ties = sum(1 for o in outcomes if o == 0.5)
+    losses = n - wins - ties
+    result: dict[str, Any] = {"rate": None, "ci_low": None, "ci_high": None, "wins": wins, "ties": ties, "losses": losses, "n": n}
+    if n == 0:
+        return result
+    rate = (wins + 0.5 * ties) / n
+    if method == "wilson":
+        low, high = wilson_interval(wins + 0.5 * ties, n, confidence)
+    elif method == "bootstrap":
+        low, high = _bootstrap_rate(outcomes, clusters, confidence, n_bootstrap, seed)
+    else:
+        raise ConfigError(f"--interval: expected one of {', '.join(choices(Interval))}, got {method!r}")
+    result.update(rate=rate, ci_low=low, ci_high=high)
+    return result
+
+
+def _bootstrap_rate(outcomes: Sequence[float], clusters: Sequence[Hashable] | None, confidence: float, n_bootstrap: int, seed: int) -> tuple[float, float]:
+    """The percentile interval of the win-rate over ``n_bootstrap`` resamples of whole clusters."""
+    keys = list(clusters) if clusters is not None else list(range(len(outcomes)))
+    unit: dict[Hashable, int] = {}
+    for k in keys:
+        unit.setdefault(k, len(unit))
+    total = np.zeros(len(unit))
+    count = np.zeros(len(unit))
+    for k, o in zip(keys, outcomes):
+        total[unit[k]] += o
+        count[unit[k]] += 1
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(unit), size=(n_bootstrap, len(unit)))
+    rates = total[draws].sum(1) / count[draws].sum(1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(rates, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+@dataclass(frozen=True)
+class Match:
+    """``a`` met ``b`` on one row; ``result`` 1.0 = a won, 0.5 = tie, 0.0 = b won. ``cluster`` is
+    the prompt (the bootstrap resamples prompts)."""
+
+    a: str
+    b: str
+    result: float
+    cluster: Hashable
+
+
+def player_outcomes(matches: Sequence[Match], player: str, opponent: str) -> tuple[list[float], list[Hashable]]:
+    """``player``'s outcomes (1/0.5/0) against ``opponent`` and their clusters."""
+    outcomes, clusters = [], []
+    for m in matches:
+        if (m.a, m.b) == (player, opponent):
+            outcomes.append(m.result)
+        elif (m.a, m.b) == (opponent, player):
+            outcomes.append(1.0 - m.result)
+        else:
+            continue
+        clusters.append(m.cluster)
+    return outcomes, clusters
+
+
+def elo_table(matches: Sequence[Match], *, anchor: str | None, n_bootstrap: int, confidence: float, seed: int) -> dict[str, Any]:
+    """Elo ratings with bootstrap intervals (whole prompts resampled) and the win-rate matrix, from
+    `elo_with_ci` and `win_rates` (maximum-likelihood Bradley–Terry on the Elo scale)."""
+    outcomes, clusters, ties, tie_clusters = [], [], [], []
+    for m in matches:
+        if m.result == 0.5:
+            ties.append((m.a, m.b))
+            tie_clusters.append(m.cluster)
+        else:
+            outcomes.append((m.a, m.b) if m.result == 1.0 else (m.b, m.a))
+            clusters.append(m.cluster)
+    if not outcomes and not ties:
+        return {"ratings": {}, "win_rates": {}, "matches": 0}
+    ratings = elo_with_ci(
+        outcomes, ties, clusters=clusters, tie_clusters=tie_clusters, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed, anchor=anchor
+    )
+    return {
+        "ratings": {str(p): r.as_dict() for p, r in ratings.items()},
+        "win_rates": {str(a): {str(b): v for b, v in row.items()} for a, row in win_rates(outcomes, ties).items()},
+        "matches": len(matches),
+    }
+
+
+def rm_accuracy(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Pairwise accuracy of the reward model on a judge's strict preferences: ``pairs`` holds
+    ``(RM score of the judge's winner, RM score of its loser)``; an RM tie counts ½."""
+    if not pairs:
+        return {"accuracy": None, "pairs": 0}
+    return {"accuracy": sum(outcome(winner, loser) for winner, loser in pairs) / len(pairs), "pairs": len(pairs)}
+
+
+def best_of_kl(n: int) -> float:
+    """KL(best-of-n ‖ base) = log n − (n−1)/n, in nats (Stiennon et al. 2020, Gao et al. 2022; an
+    upper bound, exact for distinct samples, Beirami et al. 2024). Example: n = 4 gives 0.6363."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_curve(scores: Sequence[Sequence[float]]) -> list[dict[str, float]]:
+    """Mean best score of the first k samples of every row, for k = 1..n, at the analytic KL."""
+    n = min(len(s) for s in scores)
+    return [{"n": k, "kl": best_of_kl(k), "score": math.fsum(max(s[:k]) for s in scores) / len(scores)} for k in range(1, n + 1)]

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
+from rlhfkit.config import Schedule, choices
 from rlhfkit.errors import ConfigError, RlhfkitError
 
 T = TypeVar("T")
@@ -106,14 +107,29 @@ def no_sync(model: torch.nn.Module, skip: bool):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+    """The model inside the training wrappers: DDP (``.module``) and ``torch.compile``
+    (``._orig_mod``), in any nesting. A peft model stays a peft model (its adapters are the weights
+    a checkpoint or ``save_adapter`` needs). The one place rlhfkit unwraps a model: the layers below
+    (models, scoring) are handed unwrapped models."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 # --- optimisation --------------------------------------------------------------------------------
 
 
 def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool | None = None
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no decay.
 
@@ -128,11 +144,13 @@ def make_optimizer(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup_steps``, then ``cosine`` or ``linear`` decay to 0 at
     ``total_steps``, or ``constant``."""
-    if schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"--schedule: expected cosine, linear or constant, got {schedule!r}")
+    if schedule not in choices(Schedule):
+        raise ConfigError(f"--schedule: expected one of {', '.join(choices(Schedule))}, got {schedule!r}")
     total_steps = max(1, total_steps)
 
     def factor(step: int) -> float:
@@ -290,7 +308,48 @@ def load_checkpoint(
     return json.loads((path / "state.json").read_text())
 
 
-def check_resume_config(path: Path, config: dict[str, Any], ignore: Sequence[str] = ("resume", "max_steps", "save_every", "epochs")) -> None:
+def is_run_dir(out: Path) -> bool:
+    """Whether ``out`` holds a run of a training stage (a finished model or one under way)."""
+    return (out / "rlhfkit.json").is_file() or (out / CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
+
+
+def prepare_run_dir(
+    out: str | os.PathLike, resume: bool, stage: str, config: dict[str, Any], may_change: Sequence[str] = (), dist: Dist = Dist()
+) -> Path | None:
+    """Decide what ``--out`` is before anything is trained: the checkpoint to resume from, or None.
+
+    The final save replaces OUT as a whole, so: OUT must be a directory (or absent); without
+    ``--resume`` it must be empty (hidden files aside), and an earlier run there is refused with a
+    hint to pass ``--resume``; with ``--resume`` and no checkpoint, a non-empty OUT must be a run
+    directory (then training starts from the beginning, with a warning). A checkpoint is resumed
+    only with the same options, except ``may_change`` (`check_resume_config`).
+    """
+    from rlhfkit.console import console
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    has_files = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
+    if not resume:
+        if has_files:
+            what = "holds an earlier run (pass --resume to continue it)" if is_run_dir(out) else "exists and is not empty"
+            raise ConfigError(f"--out {out}: {what}; choose another directory or remove it")
+        return None
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        if has_files and not is_run_dir(out):
+            raise ConfigError(f"--out {out}: exists and is not a run directory of rlhfkit {stage}")
+        if dist.is_main:
+            message = f"[yellow]--resume: no checkpoint in {out}; starting from the beginning[/]"
+            console.print(message, highlight=False, soft_wrap=True)
+        return None
+    check_resume_config(checkpoint, config, ignore=("resume", "report_to", *may_change))  # trackers may join a resumed run
+    return checkpoint
+
+
+def check_resume_config(
+    path: Path, config: dict[str, Any], ignore: Sequence[str] = ("resume", "max_steps", "save_every", "epochs")
+) -> None:
     """Refuse to resume with options that change the run (different lr, data, batch size, ...)."""
     state = json.loads((path / "state.json").read_text())
     saved = state.get("config", {})
@@ -305,14 +364,26 @@ def check_resume_config(path: Path, config: dict[str, Any], ignore: Sequence[str
 
 class MetricsLog:
     """``RUN/metrics.jsonl``: one JSON object per logged step. On resume, lines after the
-    checkpoint's step are dropped so the file reads as one uninterrupted run. Rank 0 only."""
+    checkpoint's step are dropped so the file reads as one uninterrupted run. Rank 0 only.
 
-    def __init__(self, run_dir: str | os.PathLike, dist: Dist = Dist(), resume_step: int | None = None):
+    Given the stage's ``run`` (its `provenance.RunInfo`), every line also goes to the trackers of
+    its ``--report-to`` (`rlhfkit.tracking`), with the run's options as hyper-parameters; ``tables``
+    names JSONL files of sample rows (ppo's ``samples.jsonl``) that trackers show as tables. The
+    trackers end when the model directory is saved (`models.save_model_dir`), or at `close`."""
+
+    def __init__(
+        self, run_dir: str | os.PathLike, dist: Dist = Dist(), resume_step: int | None = None, run: Any = None, tables: dict[str, Path] | None = None
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = dist.is_main
+        self.trackers: Any = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if run is not None:  # first: a tracker that cannot start leaves no metrics.jsonl behind
+            from rlhfkit import tracking
+
+            self.trackers = tracking.start(run_dir, run, resume_step, tables)
         kept = []
         if resume_step is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -331,7 +402,14 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             self.last = row
+            if self.trackers is not None:
+                self.trackers.log(step, row)
         return row
+
+    def close(self) -> None:
+        """End the trackers' runs (a no-op without trackers, or once `models.save_model_dir` has)."""
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _to_float(v: Any) -> Any:

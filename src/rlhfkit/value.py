@@ -52,13 +52,17 @@ def hidden_size(model: Any) -> int:
     return int(size)
 
 
-def response_values(value_model: Any, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def response_values(
+    value_model: Any, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
     """Values (B, T) of a separate value model at the positions that predict each response token;
     0 at masked positions. Only those T hidden states go through the head."""
     backbone, head = classifier_parts(value_model)
     T = response.size(1)
     input_ids, attention = join(query, query_mask, response, response_mask)  # (B, P+T)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention)).last_hidden_state
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention)
+    ).last_hidden_state
     values = head(hidden[:, -T - 1 : -1]).squeeze(-1).float()  # (B, T)
     return values * response_mask
 
@@ -110,7 +114,7 @@ class ActorCritic(nn.Module):
 
 def ptx_loss(policy: Any, batch: Any) -> torch.Tensor:
     """PPO-ptx: the mean next-token negative log-likelihood over the trained tokens of a batch of
-    demonstrations or text (a `rlhfkit.data.demonstrations.Batch`: right-padded, labels -100 where
+    demonstrations or text (a `rlhfkit.demonstrations.Batch`: right-padded, labels -100 where
     untrained), the objective's γ·E[log π(x)] term of InstructGPT (eq. 2)."""
     out = policy(input_ids=batch.input_ids, position_ids=batch.position_ids)
     return lm_loss(out.logits, batch.labels)[0]

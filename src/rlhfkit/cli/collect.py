@@ -1,79 +1,60 @@
-"""``rlhfkit collect``: K completions per prompt from one or more policies, for labelers to rank."""
+"""``rlhfkit collect``: options -> CollectConfig -> stages.collect.run."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
-import typer
-
 from rlhfkit.cli.common import (
+    INPUT_PANEL,
+    SAMPLING_PANEL,
     ConfigOption,
-    Device,
     DeviceOption,
-    DType,
     DTypeOption,
     SeedOption,
     SkipInvalidOption,
     TrustRemoteCodeOption,
     build_config,
     command,
-    console,
+    option,
+    result_or_stderr,
 )
 from rlhfkit.config import CollectConfig
 
 D = CollectConfig()
-DEFAULT_DEVICE, DEFAULT_DTYPE = Device(D.device), DType(D.dtype)
-INPUT, SAMPLING, OUTPUT = "Input", "Sampling", "Output"
 
 
 @command
 def command(
     policy: Annotated[
         list[str],
-        typer.Option(
-            help="Model directory, hub id or .gguf file; NAME=PATH names it. Repeat to compare policies (blind, shuffled).",
-            rich_help_panel=INPUT,
+        option(
+            "Model directory, hub id or .gguf file; NAME=PATH names it. Repeat to compare policies (blind, shuffled).",
+            INPUT_PANEL,
             show_default=False,
         ),
-    ],
+    ] = D.policy,
     prompts: Annotated[
-        str,
-        typer.Option(
-            help="Prompts JSONL: {id?, prompt} or {id?, messages}; - for stdin.", rich_help_panel=INPUT, show_default=False
-        ),
-    ],
+        str, option("Prompts JSONL: {id?, prompt} or {id?, messages}; - for stdin.", INPUT_PANEL, show_default=False)
+    ] = D.prompts,
+    max_prompts: Annotated[int, option("Use the first N prompts only; 0 = all.", INPUT_PANEL)] = D.max_prompts,
     out: Annotated[
-        str,
-        typer.Option(help="Samples JSONL (resumed if it exists), or - for stdout.", rich_help_panel=OUTPUT, show_default=False),
-    ],
-    k: Annotated[int, typer.Option("--k", help="Completions per prompt and policy.", rich_help_panel=SAMPLING)] = D.k,
-    max_new_tokens: Annotated[
-        int, typer.Option(help="Tokens generated at most per completion.", rich_help_panel=SAMPLING)
-    ] = D.max_new_tokens,
-    temperature: Annotated[
-        float, typer.Option(help="Sampling temperature; 0 = greedy.", rich_help_panel=SAMPLING)
-    ] = D.temperature,
-    top_p: Annotated[
-        float, typer.Option(help="Nucleus sampling: keep the most likely tokens up to this mass.", rich_help_panel=SAMPLING)
-    ] = D.top_p,
-    top_k: Annotated[int, typer.Option(help="Keep only the K most likely tokens; 0 = off.", rich_help_panel=SAMPLING)] = D.top_k,
+        str, option("Samples JSONL (resumed if it exists), or - for stdout.", INPUT_PANEL, show_default=False)
+    ] = D.out,
+    dedup: Annotated[bool, option("Drop completions whose text repeats another of the same prompt.", INPUT_PANEL)] = D.dedup,
+    k: Annotated[int, option("Completions per prompt and policy.", SAMPLING_PANEL, "--k")] = D.k,
+    max_new_tokens: Annotated[int, option("Tokens generated at most per completion.", SAMPLING_PANEL)] = D.max_new_tokens,
+    temperature: Annotated[float, option("Sampling temperature; 0 = greedy.", SAMPLING_PANEL)] = D.temperature,
+    top_p: Annotated[float, option("Nucleus sampling: keep the most likely tokens up to this mass.", SAMPLING_PANEL)] = D.top_p,
+    top_k: Annotated[int, option("Keep only the K most likely tokens; 0 = off.", SAMPLING_PANEL)] = D.top_k,
     stop: Annotated[
-        list[str] | None,
-        typer.Option(help="Stop string (repeatable); the EOS token always stops.", rich_help_panel=SAMPLING, show_default=False),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.", rich_help_panel=SAMPLING)] = D.batch_size,
-    dedup: Annotated[
-        bool, typer.Option(help="Drop completions whose text repeats another of the same prompt.", rich_help_panel=OUTPUT)
-    ] = D.dedup,
-    max_prompts: Annotated[
-        int, typer.Option(help="Use the first N prompts only; 0 = all.", rich_help_panel=INPUT)
-    ] = D.max_prompts,
+        list[str], option("Stop string (repeatable); the EOS token always stops.", SAMPLING_PANEL, show_default=False)
+    ] = D.stop,
+    batch_size: Annotated[int, option("Sequences per generation batch.", SAMPLING_PANEL)] = D.batch_size,
     seed: SeedOption = D.seed,
-    device: DeviceOption = DEFAULT_DEVICE,
-    dtype: DTypeOption = DEFAULT_DTYPE,
-    trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
+    device: DeviceOption = D.device,  # type: ignore[assignment]
+    dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
     skip_invalid: SkipInvalidOption = D.skip_invalid,
+    trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
     config: ConfigOption = None,
 ) -> dict | None:
     """Sample K completions per prompt from each policy and write them as samples JSONL for ranking.
@@ -82,11 +63,5 @@ def command(
     """
     from rlhfkit.stages import collect
 
-    values = dict(locals())
-    values["stop"] = list(stop or [])
-    cfg = build_config(CollectConfig, values)
-    result = collect.run(cfg)
-    if cfg.out == "-":  # stdout carries the samples
-        console.print(json.dumps(result, ensure_ascii=False), highlight=False, soft_wrap=True, markup=False)
-        return None
-    return result
+    cfg = build_config(CollectConfig, locals())
+    return result_or_stderr(cfg.out, collect.run(cfg))

@@ -1,8 +1,14 @@
-"""What every command shares: the general options, ``--config`` files, and turning errors into
-one red line.
+"""What every command shares: the help panels, the choices, the general options, ``--config``
+files, and turning errors into one red line.
 
-A command module declares its options with these aliases, builds its stage's config dataclass with
-`build_config`, and calls the stage inside `run_command`, which prints the result as JSON on stdout.
+A command module declares its options with `option` and these aliases, each defaulting to its
+stage config's field (``D = <Stage>Config()``; ``= D.lr``), so the config dataclass stays the one
+home of defaults; choices are Enums made from the config's ``Literal`` types (`choice_enum`). It
+builds its stage's config with `build_config` and calls the stage inside `command`, which prints
+the result as JSON on stdout. The stage's ``config.check()`` reports a missing or bad option.
+
+Help panels, in this order in every command: the command's inputs and outputs, its own panels
+(``Training``, ``Sampling``, ``PPO``, ...), then `RUN_PANEL`, `LORA_PANEL` and `GENERAL`.
 """
 
 from __future__ import annotations
@@ -22,24 +28,39 @@ import tomllib
 import typer
 from rich.markup import escape
 
+from rlhfkit import config
 from rlhfkit.console import console
 from rlhfkit.errors import ConfigError, RlhfkitError
 
+# the help panels every command shares (a command's own panels sit between INPUT_PANEL and RUN_PANEL)
+INPUT_PANEL = "Input and output"
+TRAINING_PANEL = "Training"
+EVAL_PANEL = "Held-out evaluation"
+SAMPLING_PANEL = "Sampling"
+RUN_PANEL = "Checkpoints and logging"
+LORA_PANEL = "LoRA"
 GENERAL = "General"
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
+def option(help: str, panel: str, *flags: str, **kwargs: Any) -> Any:
+    """``typer.Option`` in one help panel: ``Annotated[float, option("Peak learning rate.", TRAINING_PANEL)] = D.lr``."""
+    return typer.Option(*flags, help=help, rich_help_panel=panel, **kwargs)
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+def choice_enum(name: str, literal: Any) -> type[Enum]:
+    """A str Enum with the values of a config ``Literal`` type: the CLI's choices, written once in config.py."""
+    members = {value.replace("-", "_"): value for value in config.choices(literal)}
+    return Enum(name, members, type=str)  # type: ignore[return-value]
+
+
+Device = choice_enum("Device", config.Device)
+DType = choice_enum("DType", config.DType)
+Schedule = choice_enum("Schedule", config.Schedule)
+ValueHead = choice_enum("ValueHead", config.ValueHead)
+KLEstimator = choice_enum("KLEstimator", config.KLEstimator)
+Interval = choice_enum("Interval", config.Interval)
+RankingsFormat = choice_enum("RankingsFormat", config.RankingsFormat)
+Aggregate = choice_enum("Aggregate", config.Aggregate)
 
 
 # --- configuration files ------------------------------------------------------------------------
@@ -82,16 +103,25 @@ def config_defaults(path: Path, command: click.Command, command_name: str) -> di
     return out
 
 
-def _config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
-    """Eager: runs before the other options are read, so the file's values become their defaults
-    and anything given on the command line still wins."""
-    if value is None or ctx.resilient_parsing:
-        return value
+def use_config_file(ctx: click.Context, path: Path, command: click.Command, command_name: str) -> None:
+    """Make a config file's values the defaults of ``command`` (the one place ``--config`` is
+    applied): for the command's own ``--config``, ``ctx`` is the command's context; for the global
+    ``rlhfkit --config FILE COMMAND``, the root's, whose default map holds one entry per command.
+    Options given on the command line still win. A bad file is one red line."""
     try:
-        defaults = config_defaults(value, ctx.command, ctx.info_name or "")
+        defaults = config_defaults(path, command, command_name)
     except RlhfkitError as e:
         fail(e)
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    if ctx.command is command:
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    else:
+        ctx.default_map = {**(ctx.default_map or {}), command_name: defaults}
+
+
+def _config_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """Eager: runs before the other options are read, so the file's values become their defaults."""
+    if value is not None and not ctx.resilient_parsing:
+        use_config_file(ctx, value, ctx.command, ctx.info_name or "")
     return value
 
 
@@ -107,33 +137,49 @@ ConfigOption = Annotated[
         rich_help_panel=GENERAL,
     ),
 ]
-SeedOption = Annotated[int, typer.Option(help="Random seed (data order, sampling, initialisation).", rich_help_panel=GENERAL)]
-DeviceOption = Annotated[Device, typer.Option(help="auto = CUDA if present, else CPU.", rich_help_panel=GENERAL)]
-DTypeOption = Annotated[DType, typer.Option(help="auto = bfloat16 on a GPU that supports it, else float32.", rich_help_panel=GENERAL)]
-SkipInvalidOption = Annotated[bool, typer.Option(help="Skip and count invalid records instead of stopping.", rich_help_panel=GENERAL)]
-TrustRemoteCodeOption = Annotated[bool, typer.Option(help="Allow model code from the model's directory or hub repo.", rich_help_panel=GENERAL)]
+SeedOption = Annotated[int, option("Random seed (data order, sampling, initialisation).", GENERAL)]
+DeviceOption = Annotated[Device, option("auto = CUDA if present, else CPU.", GENERAL)]
+DTypeOption = Annotated[DType, option("auto = bfloat16 on a GPU that supports it, else float32.", GENERAL)]
+SkipInvalidOption = Annotated[bool, option("Skip and count invalid records instead of stopping.", GENERAL)]
+TrustRemoteCodeOption = Annotated[bool, option("Allow model code from the model's directory or hub repo.", GENERAL)]
 
 
 # --- option aliases shared by the training commands (sft, train-rm, ppo) ---------------------------
 
-RUN_PANEL = "Checkpoints and logging"
-LORA_PANEL = "LoRA"
+ResumeOption = Annotated[bool, option("Continue from the newest checkpoint in --out (the same options are required).", RUN_PANEL)]
+SaveEveryOption = Annotated[int, option("Checkpoint every N optimizer steps (0 = only at the end).", RUN_PANEL)]
+KeepCheckpointsOption = Annotated[int, option("Keep the newest N checkpoints (0 = all).", RUN_PANEL)]
+LogEveryOption = Annotated[int, option("Optimizer steps per metrics.jsonl line.", RUN_PANEL)]
+LoraROption = Annotated[int, option("LoRA rank.", LORA_PANEL)]
+LoraAlphaOption = Annotated[int, option("LoRA alpha (scale = alpha / r).", LORA_PANEL)]
+LoraDropoutOption = Annotated[float, option("Dropout on the LoRA path.", LORA_PANEL)]
+LoraTargetModulesOption = Annotated[str, option("all-linear, or comma-separated module names (q_proj,v_proj).", LORA_PANEL)]
+SaveAdapterOption = Annotated[bool, option("Also save the LoRA adapter alone in OUT/adapter/ (peft format).", LORA_PANEL)]
 
 
-class Schedule(str, Enum):
-    linear = "linear"
-    cosine = "cosine"
-    constant = "constant"
+def _report_to_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """``--report-to`` checked when it is read (a config file's value too), before any work: known
+    trackers, each one's extra installed."""
+    if value is not None and not ctx.resilient_parsing:
+        from rlhfkit.tracking import check_report_to
+
+        try:
+            check_report_to(value)
+        except RlhfkitError as e:
+            fail(e)
+    return value
 
 
-ResumeOption = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out (the same options are required).", rich_help_panel=RUN_PANEL)]
-KeepCheckpointsOption = Annotated[int, typer.Option(help="Keep the newest N checkpoints (0 = all).", rich_help_panel=RUN_PANEL)]
-LogEveryOption = Annotated[int, typer.Option(help="Optimizer steps per metrics.jsonl line.", rich_help_panel=RUN_PANEL)]
-LoraROption = Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=LORA_PANEL)]
-LoraAlphaOption = Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).", rich_help_panel=LORA_PANEL)]
-LoraDropoutOption = Annotated[float, typer.Option(help="Dropout on the LoRA path.", rich_help_panel=LORA_PANEL)]
-LoraTargetModulesOption = Annotated[str, typer.Option(help="all-linear, or comma-separated module names (q_proj,v_proj).", rich_help_panel=LORA_PANEL)]
-SaveAdapterOption = Annotated[bool, typer.Option(help="Also save the LoRA adapter alone in OUT/adapter/ (peft format).", rich_help_panel=LORA_PANEL)]
+# the training commands and eval
+ReportToOption = Annotated[
+    str,
+    typer.Option(
+        help="Experiment trackers that get the metric stream too (same keys and steps as metrics.jsonl, the options as "
+        "hyper-parameters): none, or tensorboard, wandb, mlflow, trackio, comma-separated. Each is an extra: pip install rlhfkit[wandb].",
+        callback=_report_to_callback,
+        rich_help_panel=RUN_PANEL,
+    ),
+]
 
 
 # --- running a stage -----------------------------------------------------------------------------
@@ -193,6 +239,15 @@ def run_command(fn: Callable[[], Any]) -> None:
     if result is not None:
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
         sys.stdout.flush()
+
+
+def result_or_stderr(out: str, result: Any) -> Any:
+    """The result to print on stdout, or, when ``--out -`` makes stdout carry the data (collect's
+    samples, rank-import's pairs), None after printing it to stderr instead."""
+    if out != "-":
+        return result
+    console.print(json.dumps(result, ensure_ascii=False), highlight=False, soft_wrap=True, markup=False)
+    return None
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,115 +1,190 @@
-"""``rlhfkit ppo``: options → PPOConfig → stages.ppo.run."""
+"""``rlhfkit ppo``: options -> PPOConfig -> stages.ppo.run."""
 
 from __future__ import annotations
 
-from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from rlhfkit.cli.common import (
+    INPUT_PANEL,
+    LORA_PANEL,
+    RUN_PANEL,
+    SAMPLING_PANEL,
+    TRAINING_PANEL,
     ConfigOption,
     DeviceOption,
     DTypeOption,
     KeepCheckpointsOption,
+    KLEstimator,
     LoraAlphaOption,
+    LoraDropoutOption,
     LoraROption,
     LoraTargetModulesOption,
+    ReportToOption,
     ResumeOption,
     SaveAdapterOption,
     Schedule,
     SeedOption,
     SkipInvalidOption,
     TrustRemoteCodeOption,
+    ValueHead,
     build_config,
     command,
+    option,
 )
-from rlhfkit.config import PPOConfig as C
+from rlhfkit.config import PPOConfig
 
-MODELS, GEN, PPO, KL, OPT, PTX, RUN, LORA = (
-    "Models and data", "Generation", "PPO", "Reward and KL", "Optimisation", "PPO-ptx", "Run directory", "LoRA",
-)  # fmt: skip
-
-
-class ValueHead(str, Enum):
-    separate = "separate"
-    policy = "policy"
-
-
-class KLEstimator(str, Enum):
-    k1 = "k1"
-    k2 = "k2"
-    k3 = "k3"
-
+D = PPOConfig()
+PPO, KL, PTX = "PPO", "Reward and KL", "PPO-ptx"
 
 
 @command
 def command(
-    policy: Annotated[str, typer.Option(help="Initial policy, usually the SFT model (directory, hub id or .gguf); a frozen copy is the KL reference.", rich_help_panel=MODELS)],
-    rm: Annotated[str, typer.Option(help="Reward: a train-rm directory (normalised with its recorded gain/bias), any one-label sequence classifier, or python:MODULE:FUNCTION (f(prompts, completions) returning one float per completion).", rich_help_panel=MODELS)],
-    prompts: Annotated[str, typer.Option(help="Prompts JSONL ({'prompt': ...} or {'messages': [...]}).", rich_help_panel=MODELS)],
-    out: Annotated[Path, typer.Option(help="Output directory: the final policy (plain HF model + rlhfkit.json), metrics.jsonl, samples.jsonl, checkpoints/.", rich_help_panel=MODELS)],
-    ref: Annotated[str, typer.Option(help="KL reference model when it is not --policy (iterated RLHF continues a PPO policy but stays close to the SFT model). Not with --lora.", rich_help_panel=MODELS)] = C.ref,
-    value_head: Annotated[ValueHead, typer.Option(help="separate: a value model (initialised from --value-model); policy: a linear head on the policy's last hidden state.", rich_help_panel=MODELS)] = ValueHead(C.value_head),
-    value_model: Annotated[str, typer.Option(help="Initial value model (default: the reward model; the policy, with a fresh head, for a scripted reward).", rich_help_panel=MODELS)] = C.value_model,
-    max_prompt_length: Annotated[int, typer.Option(help="Keep only the last N tokens of longer prompts (0 = no limit).", rich_help_panel=MODELS)] = C.max_prompt_length,
-    steps: Annotated[int, typer.Option(help="PPO steps (one rollout batch and its PPO epochs each).", rich_help_panel=PPO)] = C.steps,
-    batch_size: Annotated[int, typer.Option(help="Rollouts per step (per process).", rich_help_panel=PPO)] = C.batch_size,
-    mini_batch_size: Annotated[int, typer.Option(help="Rollouts per optimizer step (0 = --batch-size).", rich_help_panel=PPO)] = C.mini_batch_size,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per mini-batch (micro-batch = mini-batch / grad-accum).", rich_help_panel=PPO)] = C.grad_accum,
-    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout batch.", rich_help_panel=PPO)] = C.ppo_epochs,
-    cliprange: Annotated[float, typer.Option(help="ε of the clipped policy surrogate.", rich_help_panel=PPO)] = C.cliprange,
-    cliprange_value: Annotated[float, typer.Option(help="ε_v of the clipped value loss.", rich_help_panel=PPO)] = C.cliprange_value,
-    vf_coef: Annotated[float, typer.Option(help="Weight of the value loss.", rich_help_panel=PPO)] = C.vf_coef,
-    gamma: Annotated[float, typer.Option(help="Discount of GAE.", rich_help_panel=PPO)] = C.gamma,
-    lam: Annotated[float, typer.Option(help="λ of GAE.", rich_help_panel=PPO)] = C.lam,
-    early_stop_kl: Annotated[Optional[float], typer.Option(help="Stop a step's PPO epochs once a mini-batch's approx-KL exceeds this (default: off).", rich_help_panel=PPO)] = C.early_stop_kl,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.", rich_help_panel=GEN)] = C.max_new_tokens,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; the policy and reference log-probs use the same one.", rich_help_panel=GEN)] = C.temperature,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling (1 = off).", rich_help_panel=GEN)] = C.top_p,
-    top_k: Annotated[int, typer.Option(help="Top-k sampling (0 = off).", rich_help_panel=GEN)] = C.top_k,
-    stop: Annotated[Optional[list[str]], typer.Option(help="A stop string besides EOS (repeatable).", rich_help_panel=GEN)] = None,
-    generation_batch_size: Annotated[int, typer.Option(help="Prompts per generation call (0 = the whole batch).", rich_help_panel=GEN)] = C.generation_batch_size,
-    kl_coef: Annotated[float, typer.Option(help="β of the per-token KL penalty (the initial β with --target-kl).", rich_help_panel=KL)] = C.kl_coef,
-    target_kl: Annotated[Optional[float], typer.Option(help="Adaptive β: the per-sequence KL to aim at (Ziegler et al. 2019; default: β fixed).", rich_help_panel=KL)] = C.target_kl,
-    kl_horizon: Annotated[int, typer.Option(help="Horizon of the adaptive β, in rollouts.", rich_help_panel=KL)] = C.kl_horizon,
-    kl_estimator: Annotated[KLEstimator, typer.Option(help="Per-token KL estimator: k1 = log r, k2 = ½(log r)², k3 = (1/r − 1) + log r.", rich_help_panel=KL)] = KLEstimator(C.kl_estimator),
-    reward_clip: Annotated[Optional[float], typer.Option(help="Clip the normalised score to [−c, c] (default: off).", rich_help_panel=KL)] = C.reward_clip,
-    missing_eos_penalty: Annotated[Optional[float], typer.Option(help="Score given instead of the reward to a completion that never stopped (default: off).", rich_help_panel=KL)] = C.missing_eos_penalty,
-    whiten_rewards: Annotated[bool, typer.Option(help="Whiten the per-token rewards (without a mean shift) before GAE.", rich_help_panel=KL)] = C.whiten_rewards,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of AdamW (policy and critic).", rich_help_panel=OPT)] = C.lr,
-    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay over --steps (linear = annealed to 0).", rich_help_panel=OPT)] = Schedule(C.schedule),
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup, in PPO steps.", rich_help_panel=OPT)] = C.warmup_steps,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).", rich_help_panel=OPT)] = C.weight_decay,
-    adam_eps: Annotated[float, typer.Option(help="AdamW ε (1e-5 as in lm-human-preferences).", rich_help_panel=OPT)] = C.adam_eps,
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm (0 = no clipping).", rich_help_panel=OPT)] = C.max_grad_norm,
-    ptx_data: Annotated[str, typer.Option(help="Demonstrations or text records whose language-model loss is added to every update.", rich_help_panel=PTX)] = C.ptx_data,
-    ptx_coef: Annotated[float, typer.Option(help="γ, the weight of the PPO-ptx loss (0 = off).", rich_help_panel=PTX)] = C.ptx_coef,
-    ptx_batch_size: Annotated[int, typer.Option(help="PPO-ptx sequences per micro-batch (0 = the micro-batch size).", rich_help_panel=PTX)] = C.ptx_batch_size,
-    ptx_max_length: Annotated[int, typer.Option(help="Cut PPO-ptx sequences to this many tokens.", rich_help_panel=PTX)] = C.ptx_max_length,
-    resume: ResumeOption = C.resume,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N PPO steps (0 = only at the end).", rich_help_panel=RUN)] = C.save_every,
-    keep_checkpoints: KeepCheckpointsOption = C.keep_checkpoints,
-    sample_every: Annotated[int, typer.Option(help="Print a table of samples and append them to OUT/samples.jsonl every N steps (0 = never).", rich_help_panel=RUN)] = C.sample_every,
-    num_samples: Annotated[int, typer.Option(help="Rows in each sample table.", rich_help_panel=RUN)] = C.num_samples,
-    lora: Annotated[bool, typer.Option(help="Train LoRA adapters; the reference is the same backbone with the adapter off. The saved policy is merged.", rich_help_panel=LORA)] = C.lora,
-    lora_r: LoraROption = C.lora_r,
-    lora_alpha: LoraAlphaOption = C.lora_alpha,
-    lora_target_modules: LoraTargetModulesOption = C.lora_target_modules,
-    save_adapter: SaveAdapterOption = C.save_adapter,
-    seed: SeedOption = C.seed,
-    device: DeviceOption = C.device,
-    dtype: DTypeOption = C.dtype,
-    skip_invalid: SkipInvalidOption = C.skip_invalid,
-    trust_remote_code: TrustRemoteCodeOption = C.trust_remote_code,
+    policy: Annotated[
+        str,
+        option(
+            "Initial policy, usually the SFT model (directory, hub id or .gguf); a frozen copy is the KL reference.",
+            INPUT_PANEL,
+            show_default=False,
+        ),
+    ] = D.policy,
+    rm: Annotated[
+        str,
+        option(
+            "Reward: a train-rm directory (normalised with its recorded gain/bias), any one-label sequence "
+            "classifier, or python:MODULE:FUNCTION (f(prompts, completions) returning one float per completion).",
+            INPUT_PANEL,
+            show_default=False,
+        ),
+    ] = D.rm,
+    prompts: Annotated[
+        str, option("Prompts JSONL ({'prompt': ...} or {'messages': [...]}).", INPUT_PANEL, show_default=False)
+    ] = D.prompts,
+    out: Annotated[
+        str,
+        option(
+            "Output directory: the final policy (plain HF model + rlhfkit.json), metrics.jsonl, samples.jsonl, checkpoints/.",
+            INPUT_PANEL,
+            show_default=False,
+        ),
+    ] = D.out,
+    ref: Annotated[
+        str,
+        option(
+            "KL reference model when it is not --policy (iterated RLHF continues a PPO policy but stays close to "
+            "the SFT model). Not with --lora.",
+            INPUT_PANEL,
+            show_default=False,
+        ),
+    ] = D.ref,
+    value_head: Annotated[
+        ValueHead,
+        option(
+            "separate: a value model (initialised from --value-model); policy: a linear head on the policy's last hidden state.",
+            INPUT_PANEL,
+        ),
+    ] = D.value_head,  # type: ignore[assignment]
+    value_model: Annotated[
+        str,
+        option(
+            "Initial value model (default: the reward model; the policy, with a fresh head, for a scripted reward).",
+            INPUT_PANEL,
+            show_default=False,
+        ),
+    ] = D.value_model,
+    max_prompt_length: Annotated[
+        int, option("Keep only the last N tokens of longer prompts (0 = no limit).", INPUT_PANEL)
+    ] = D.max_prompt_length,
+    steps: Annotated[int, option("PPO steps (one rollout batch and its PPO epochs each).", PPO)] = D.steps,
+    batch_size: Annotated[int, option("Rollouts per step (per process).", PPO)] = D.batch_size,
+    mini_batch_size: Annotated[int, option("Rollouts per optimizer step (0 = --batch-size).", PPO)] = D.mini_batch_size,
+    grad_accum: Annotated[
+        int, option("Micro-batches per mini-batch (micro-batch = mini-batch / grad-accum).", PPO)
+    ] = D.grad_accum,
+    ppo_epochs: Annotated[int, option("Passes over each rollout batch.", PPO)] = D.ppo_epochs,
+    cliprange: Annotated[float, option("ε of the clipped policy surrogate.", PPO)] = D.cliprange,
+    cliprange_value: Annotated[float, option("ε_v of the clipped value loss.", PPO)] = D.cliprange_value,
+    vf_coef: Annotated[float, option("Weight of the value loss.", PPO)] = D.vf_coef,
+    gamma: Annotated[float, option("Discount of GAE.", PPO)] = D.gamma,
+    lam: Annotated[float, option("λ of GAE.", PPO)] = D.lam,
+    early_stop_kl: Annotated[
+        Optional[float], option("Stop a step's PPO epochs once a mini-batch's approx-KL exceeds this (default: off).", PPO)
+    ] = D.early_stop_kl,
+    max_new_tokens: Annotated[int, option("Longest response, in tokens.", SAMPLING_PANEL)] = D.max_new_tokens,
+    temperature: Annotated[
+        float, option("Sampling temperature; the policy and reference log-probs use the same one.", SAMPLING_PANEL)
+    ] = D.temperature,
+    top_p: Annotated[float, option("Nucleus sampling (1 = off).", SAMPLING_PANEL)] = D.top_p,
+    top_k: Annotated[int, option("Top-k sampling (0 = off).", SAMPLING_PANEL)] = D.top_k,
+    stop: Annotated[list[str], option("A stop string besides EOS (repeatable).", SAMPLING_PANEL, show_default=False)] = D.stop,
+    generation_batch_size: Annotated[
+        int, option("Prompts per generation call (0 = the whole batch).", SAMPLING_PANEL)
+    ] = D.generation_batch_size,
+    kl_coef: Annotated[float, option("β of the per-token KL penalty (the initial β with --target-kl).", KL)] = D.kl_coef,
+    target_kl: Annotated[
+        Optional[float], option("Adaptive β: the per-sequence KL to aim at (Ziegler et al. 2019; default: β fixed).", KL)
+    ] = D.target_kl,
+    kl_horizon: Annotated[int, option("Horizon of the adaptive β, in rollouts.", KL)] = D.kl_horizon,
+    kl_estimator: Annotated[
+        KLEstimator, option("Per-token KL estimator: k1 = log r, k2 = ½(log r)², k3 = (1/r − 1) + log r.", KL)
+    ] = D.kl_estimator,  # type: ignore[assignment]
+    reward_clip: Annotated[Optional[float], option("Clip the normalised score to [−c, c] (default: off).", KL)] = D.reward_clip,
+    missing_eos_penalty: Annotated[
+        Optional[float], option("Score given instead of the reward to a completion that never stopped (default: off).", KL)
+    ] = D.missing_eos_penalty,
+    whiten_rewards: Annotated[
+        bool, option("Whiten the per-token rewards (without a mean shift) before GAE.", KL)
+    ] = D.whiten_rewards,
+    lr: Annotated[float, option("Peak learning rate of AdamW (policy and critic).", TRAINING_PANEL)] = D.lr,
+    schedule: Annotated[
+        Schedule, option("Learning-rate decay over --steps (linear = annealed to 0).", TRAINING_PANEL)
+    ] = D.schedule,  # type: ignore[assignment]
+    warmup_steps: Annotated[int, option("Linear warmup, in PPO steps.", TRAINING_PANEL)] = D.warmup_steps,
+    weight_decay: Annotated[float, option("AdamW weight decay (not on biases and norms).", TRAINING_PANEL)] = D.weight_decay,
+    adam_eps: Annotated[float, option("AdamW ε (1e-5 as in lm-human-preferences).", TRAINING_PANEL)] = D.adam_eps,
+    max_grad_norm: Annotated[float, option("Clip the gradient norm (0 = no clipping).", TRAINING_PANEL)] = D.max_grad_norm,
+    ptx_data: Annotated[
+        str, option("Demonstrations or text records whose language-model loss is added to every update.", PTX, show_default=False)
+    ] = D.ptx_data,
+    ptx_coef: Annotated[float, option("γ, the weight of the PPO-ptx loss (0 = off).", PTX)] = D.ptx_coef,
+    ptx_batch_size: Annotated[
+        int, option("PPO-ptx sequences per micro-batch (0 = the micro-batch size).", PTX)
+    ] = D.ptx_batch_size,
+    ptx_max_length: Annotated[int, option("Cut PPO-ptx sequences to this many tokens.", PTX)] = D.ptx_max_length,
+    save_every: Annotated[int, option("Checkpoint every N PPO steps (0 = only at the end).", RUN_PANEL)] = D.save_every,
+    keep_checkpoints: KeepCheckpointsOption = D.keep_checkpoints,
+    resume: ResumeOption = D.resume,
+    sample_every: Annotated[
+        int, option("Print a table of samples and append them to OUT/samples.jsonl every N steps (0 = never).", RUN_PANEL)
+    ] = D.sample_every,
+    num_samples: Annotated[int, option("Rows in each sample table.", RUN_PANEL)] = D.num_samples,
+    lora: Annotated[
+        bool,
+        option(
+            "Train LoRA adapters; the reference is the same backbone with the adapter off. The saved policy is merged.",
+            LORA_PANEL,
+        ),
+    ] = D.lora,
+    lora_r: LoraROption = D.lora_r,
+    lora_alpha: LoraAlphaOption = D.lora_alpha,
+    lora_dropout: LoraDropoutOption = D.lora_dropout,
+    lora_target_modules: LoraTargetModulesOption = D.lora_target_modules,
+    save_adapter: SaveAdapterOption = D.save_adapter,
+    report_to: ReportToOption = D.report_to,
+    seed: SeedOption = D.seed,
+    device: DeviceOption = D.device,  # type: ignore[assignment]
+    dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
+    skip_invalid: SkipInvalidOption = D.skip_invalid,
+    trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
     config: ConfigOption = None,
-) -> dict:
-    """RLHF with PPO: sample responses, score them with the reward model, penalise the KL to the reference, update policy and critic; print a JSON summary.
+) -> dict | None:
+    """RLHF with PPO against a reward model and a KL penalty to the reference; print a JSON summary.
 
-    Every step logs objective/score, objective/kl, objective/rlhf_reward, policy/approxkl, loss/policy, loss/value, ... to OUT/metrics.jsonl; OUT loads with plain transformers at the end.
+    Each step samples responses, scores them, penalises the KL to the reference and updates policy and critic.
+
+    Every step logs objective/score, objective/kl, loss/policy, ... to OUT/metrics.jsonl (README: "metric keys").
+
+    OUT loads with plain transformers at the end.
     """
     from rlhfkit.stages import ppo
 
-    stop = list(stop or [])
-    return ppo.run(build_config(C, locals()))
+    return ppo.run(build_config(PPOConfig, locals()))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-
 from rlhfkit.cli.common import (
+    EVAL_PANEL,
+    INPUT_PANEL,
+    LORA_PANEL,
+    TRAINING_PANEL,
     ConfigOption,
     DeviceOption,
     DTypeOption,
@@ -17,75 +18,134 @@ from rlhfkit.cli.common import (
     LoraDropoutOption,
     LoraROption,
     LoraTargetModulesOption,
+    ReportToOption,
     ResumeOption,
     SaveAdapterOption,
+    SaveEveryOption,
     Schedule,
     SeedOption,
     SkipInvalidOption,
     TrustRemoteCodeOption,
+    build_config,
     command,
+    option,
 )
 from rlhfkit.config import SFTConfig
 
-INPUT = "Input and output"
-TRAINING = "Training"
+D = SFTConfig()
 DATA = "Data"
-EVAL = "Held-out evaluation"
-LORA = "LoRA"
-RUN = "Checkpoints and logging"
 
 
 @command
 def command(
-    model: Annotated[Optional[str], typer.Option(help="Base causal LM: a local Hugging Face directory, a hub id, or a .gguf file.", rich_help_panel=INPUT, show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Demonstrations (.jsonl, .jsonl.gz, .json, .parquet, saved dataset dir, or -): "
-                                            "records with 'text', 'prompt'+'response', or 'messages'.", rich_help_panel=INPUT, show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run and model directory: metrics.jsonl, checkpoints/ during the run, "
-                                           "the trained model (plain transformers) and rlhfkit.json at the end.", rich_help_panel=INPUT, show_default=False)] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training data.", rich_help_panel=TRAINING)] = SFTConfig.epochs,
-    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps; overrides --epochs (0 = use --epochs).", rich_help_panel=TRAINING)] = SFTConfig.max_steps,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of AdamW (LoRA usually wants ~1e-4 to 2e-4).", rich_help_panel=TRAINING)] = SFTConfig.lr,
-    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warmup (cosine and linear end at 0).", rich_help_panel=TRAINING)] = SFTConfig.schedule,  # type: ignore[assignment]
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (0 = use --warmup-ratio).", rich_help_panel=TRAINING)] = SFTConfig.warmup_steps,
-    warmup_ratio: Annotated[float, typer.Option(help="Warmup as a share of the total steps, when --warmup-steps is 0.", rich_help_panel=TRAINING)] = SFTConfig.warmup_ratio,
-    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch and device.", rich_help_panel=TRAINING)] = SFTConfig.batch_size,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step. The loss is the mean over every labelled token of the step, "
-                                                 "so batch 4 × accum 1 and batch 2 × accum 2 give the same update.", rich_help_panel=TRAINING)] = SFTConfig.grad_accum,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not applied to biases and norms).", rich_help_panel=TRAINING)] = SFTConfig.weight_decay,
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this (0 = no clipping).", rich_help_panel=TRAINING)] = SFTConfig.max_grad_norm,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast with float32 weights. Default: on with --dtype auto on a GPU "
-                                                                          "that supports it, off elsewhere. (--dtype bfloat16 trains bfloat16 weights instead.)",
-                                                 rich_help_panel=TRAINING, show_default=False)] = SFTConfig.bf16,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations during the backward pass: less memory, more compute.", rich_help_panel=TRAINING)] = SFTConfig.gradient_checkpointing,
-    max_length: Annotated[int, typer.Option(help="Tokens per example; longer ones are cut (the start is kept) and counted in the log and rlhfkit.json.", rich_help_panel=DATA)] = SFTConfig.max_length,
-    packing: Annotated[bool, typer.Option(help="Pack short examples into rows of --max-length tokens; position ids restart at every example "
-                                               "and attention stays within it.", rich_help_panel=DATA)] = SFTConfig.packing,
-    val_data: Annotated[Optional[Path], typer.Option(help="Held-out demonstrations for eval loss and perplexity.", rich_help_panel=EVAL, show_default=False)] = None,
-    val_fraction: Annotated[float, typer.Option(help="Hold out this share of --data instead (chosen by --seed; 0 = no evaluation).", rich_help_panel=EVAL)] = SFTConfig.val_fraction,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N optimizer steps (0 = before and after training only).", rich_help_panel=EVAL)] = SFTConfig.eval_every,
-    eval_batch_size: Annotated[int, typer.Option(help="Rows per evaluation batch.", rich_help_panel=EVAL)] = SFTConfig.eval_batch_size,
-    lora: Annotated[bool, typer.Option(help="Train LoRA adapters (peft) instead of every weight; the merged model is saved.", rich_help_panel=LORA)] = SFTConfig.lora,
-    lora_r: LoraROption = SFTConfig.lora_r,
-    lora_alpha: LoraAlphaOption = SFTConfig.lora_alpha,
-    lora_dropout: LoraDropoutOption = SFTConfig.lora_dropout,
-    lora_target_modules: LoraTargetModulesOption = SFTConfig.lora_target_modules,
-    save_adapter: SaveAdapterOption = SFTConfig.save_adapter,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps (0 = only at the end).", rich_help_panel=RUN)] = SFTConfig.save_every,
-    keep_checkpoints: KeepCheckpointsOption = SFTConfig.keep_checkpoints,
-    resume: ResumeOption = SFTConfig.resume,
-    log_every: LogEveryOption = SFTConfig.log_every,
-    seed: SeedOption = SFTConfig.seed,
-    device: DeviceOption = SFTConfig.device,  # type: ignore[assignment]
-    dtype: DTypeOption = SFTConfig.dtype,  # type: ignore[assignment]
-    skip_invalid: SkipInvalidOption = SFTConfig.skip_invalid,
-    trust_remote_code: TrustRemoteCodeOption = SFTConfig.trust_remote_code,
+    model: Annotated[
+        str, option("Base causal LM: a local Hugging Face directory, a hub id, or a .gguf file.", INPUT_PANEL, show_default=False)
+    ] = D.model,
+    data: Annotated[
+        str,
+        option(
+            "Demonstrations (.jsonl, .jsonl.gz, .json, .parquet, saved dataset dir, or -): records with 'text', "
+            "'prompt'+'response', or 'messages'.",
+            INPUT_PANEL,
+            show_default=False,
+        ),
+    ] = D.data,
+    out: Annotated[
+        str,
+        option(
+            "Run and model directory: metrics.jsonl, checkpoints/ during the run, the trained model "
+            "(plain transformers) and rlhfkit.json at the end.",
+            INPUT_PANEL,
+            show_default=False,
+        ),
+    ] = D.out,
+    epochs: Annotated[int, option("Passes over the training data.", TRAINING_PANEL)] = D.epochs,
+    max_steps: Annotated[
+        int, option("Stop after N optimizer steps; overrides --epochs (0 = use --epochs).", TRAINING_PANEL)
+    ] = D.max_steps,
+    lr: Annotated[float, option("Peak learning rate of AdamW (LoRA usually wants ~1e-4 to 2e-4).", TRAINING_PANEL)] = D.lr,
+    schedule: Annotated[
+        Schedule, option("Learning-rate decay after warmup (cosine and linear end at 0).", TRAINING_PANEL)
+    ] = D.schedule,  # type: ignore[assignment]
+    warmup_steps: Annotated[int, option("Linear warmup steps (0 = use --warmup-ratio).", TRAINING_PANEL)] = D.warmup_steps,
+    warmup_ratio: Annotated[
+        float, option("Warmup as a share of the total steps, when --warmup-steps is 0.", TRAINING_PANEL)
+    ] = D.warmup_ratio,
+    batch_size: Annotated[int, option("Rows per micro-batch and device.", TRAINING_PANEL)] = D.batch_size,
+    grad_accum: Annotated[
+        int,
+        option(
+            "Micro-batches per optimizer step. The loss is the mean over every labelled token of the step, "
+            "so batch 4 × accum 1 and batch 2 × accum 2 give the same update.",
+            TRAINING_PANEL,
+        ),
+    ] = D.grad_accum,
+    weight_decay: Annotated[
+        float, option("AdamW weight decay (not applied to biases and norms).", TRAINING_PANEL)
+    ] = D.weight_decay,
+    max_grad_norm: Annotated[
+        float, option("Clip the gradient norm to this (0 = no clipping).", TRAINING_PANEL)
+    ] = D.max_grad_norm,
+    bf16: Annotated[
+        Optional[bool],
+        option(
+            "bfloat16 autocast with float32 weights. Default: on with --dtype auto on a GPU that supports "
+            "it, off elsewhere. (--dtype bfloat16 trains bfloat16 weights instead.)",
+            TRAINING_PANEL,
+            "--bf16/--no-bf16",
+            show_default=False,
+        ),
+    ] = D.bf16,
+    gradient_checkpointing: Annotated[
+        bool, option("Recompute activations during the backward pass: less memory, more compute.", TRAINING_PANEL)
+    ] = D.gradient_checkpointing,
+    max_length: Annotated[
+        int, option("Tokens per example; longer ones are cut (the start is kept) and counted in the log and rlhfkit.json.", DATA)
+    ] = D.max_length,
+    packing: Annotated[
+        bool,
+        option(
+            "Pack short examples into rows of --max-length tokens; position ids restart at every example "
+            "and attention stays within it.",
+            DATA,
+        ),
+    ] = D.packing,
+    val_data: Annotated[
+        str, option("Held-out demonstrations for eval loss and perplexity.", EVAL_PANEL, show_default=False)
+    ] = D.val_data,
+    val_fraction: Annotated[
+        float, option("Hold out this share of --data instead (chosen by --seed; 0 = no evaluation).", EVAL_PANEL)
+    ] = D.val_fraction,
+    eval_every: Annotated[
+        int, option("Evaluate every N optimizer steps (0 = before and after training only).", EVAL_PANEL)
+    ] = D.eval_every,
+    eval_batch_size: Annotated[int, option("Rows per evaluation batch.", EVAL_PANEL)] = D.eval_batch_size,
+    save_every: SaveEveryOption = D.save_every,
+    keep_checkpoints: KeepCheckpointsOption = D.keep_checkpoints,
+    resume: ResumeOption = D.resume,
+    log_every: LogEveryOption = D.log_every,
+    lora: Annotated[
+        bool, option("Train LoRA adapters (peft) instead of every weight; the merged model is saved.", LORA_PANEL)
+    ] = D.lora,
+    lora_r: LoraROption = D.lora_r,
+    lora_alpha: LoraAlphaOption = D.lora_alpha,
+    lora_dropout: LoraDropoutOption = D.lora_dropout,
+    lora_target_modules: LoraTargetModulesOption = D.lora_target_modules,
+    save_adapter: SaveAdapterOption = D.save_adapter,
+    report_to: ReportToOption = D.report_to,
+    seed: SeedOption = D.seed,
+    device: DeviceOption = D.device,  # type: ignore[assignment]
+    dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
+    skip_invalid: SkipInvalidOption = D.skip_invalid,
+    trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
     config: ConfigOption = None,
 ) -> dict | None:
     """Supervised fine-tuning (and continued pretraining) of a causal LM on demonstrations, full or LoRA.
 
-    Loss on every token of 'text' records, on the response (and EOS) of 'prompt'/'response' records, and on every assistant turn (content and end-of-turn token) of 'messages' records.
+    Loss on every token of 'text' records and on the response (and EOS) of 'prompt'/'response' records.
+
+    In 'messages' records: on every assistant turn (content and end-of-turn token).
     """
-    from rlhfkit.cli.common import build_config
     from rlhfkit.stages import sft
 
     return sft.run(build_config(SFTConfig, locals()))

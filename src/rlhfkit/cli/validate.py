@@ -20,7 +20,9 @@ class Kind(str, Enum):
 
 @command
 def command(
-    path: Annotated[Path, typer.Argument(help="A .jsonl, .jsonl.gz, .json or .parquet file, a saved dataset directory, or - for stdin.")],
+    path: Annotated[
+        Path, typer.Argument(help="A .jsonl, .jsonl.gz, .json or .parquet file, a saved dataset directory, or - for stdin.")
+    ],
     kind: Annotated[Kind, typer.Option(help="Which record kind the file holds.")],
     skip_invalid: SkipInvalidOption = False,
     config: ConfigOption = None,

@@ -268,7 +268,9 @@ def parse_comparison(record: dict) -> Comparison:
     if isinstance(chosen, list) and isinstance(prompt, str):
         raise RecordError("chosen", "a message list needs a message-list prompt")
     margin = get_field(record, "margin", (int, float), required=False)
-    optional = {k: get_field(record, k, (str, int), required=False) for k in ("group", "annotator", "chosen_policy", "rejected_policy")}
+    optional = {
+        k: get_field(record, k, (str, int), required=False) for k in ("group", "annotator", "chosen_policy", "rejected_policy")
+    }
     return Comparison(
         prompt=prompt,
         chosen=chosen,

@@ -19,7 +19,6 @@ their summed log-probability under the sampling distribution (logits / temperatu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from rlhfkit.config import CollectConfig
+from rlhfkit.config import CollectConfig, named_path
 from rlhfkit.data import files, records
 from rlhfkit.data.records import Completion, Prompt, RecordError, Samples
 from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.seeds import digest, row_seed
 
 
 @dataclass(frozen=True)
@@ -43,44 +43,8 @@ class PolicySpec:
 
 
 def parse_policies(specs: Sequence[str]) -> list[PolicySpec]:
-    """``NAME=PATH`` or ``PATH`` (name = the directory's name, or the file's stem for ``.gguf``)."""
-    out = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or "/" in name:
-            path = spec
-            name = Path(spec.rstrip("/")).name
-            name = name.removesuffix(".gguf")
-        if not path:
-            raise ConfigError(f"--policy {spec!r}: no model path")
-        out.append(PolicySpec(name, path))
-    names = [p.name for p in out]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"--policy: the name {duplicates[0]!r} is given twice; name them apart with NAME=PATH")
-    return out
-
-
-def check_config(config: CollectConfig) -> None:
-    if not config.policy:
-        raise ConfigError("--policy: missing (a model directory, hub id or .gguf file; repeat for several)")
-    if not config.prompts:
-        raise ConfigError("--prompts: missing (a prompts JSONL file)")
-    if not config.out:
-        raise ConfigError("--out: missing (a samples JSONL file, or - for stdout)")
-    checks = [
-        (config.k >= 1, f"--k: expected 1 or more, got {config.k}"),
-        (config.max_new_tokens >= 1, f"--max-new-tokens: expected 1 or more, got {config.max_new_tokens}"),
-        (config.temperature >= 0, f"--temperature: expected 0 (greedy) or more, got {config.temperature}"),
-        (0 < config.top_p <= 1, f"--top-p: expected a number in (0, 1], got {config.top_p}"),
-        (config.top_k >= 0, f"--top-k: expected 0 (off) or more, got {config.top_k}"),
-        (config.batch_size >= 1, f"--batch-size: expected 1 or more, got {config.batch_size}"),
-        (config.max_prompts >= 0, f"--max-prompts: expected 0 (all) or more, got {config.max_prompts}"),
-        (all(config.stop), "--stop: an empty stop string"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """``NAME=PATH`` or ``PATH`` each (`config.named_path`; `CollectConfig.check` refuses a name given twice)."""
+    return [PolicySpec(*named_path(spec)) for spec in specs]
 
 
 def sampling_settings(config: CollectConfig, policies: Sequence[PolicySpec]) -> dict[str, Any]:
@@ -98,25 +62,16 @@ def sampling_settings(config: CollectConfig, policies: Sequence[PolicySpec]) -> 
     }
 
 
-def _digest(*parts: object) -> str:
-    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
-
-
-def row_seed(seed: int, prompt_id: str, policy: str, index: int) -> int:
-    """The sampling seed of one completion: depends on nothing else (not on its batch)."""
-    return int(_digest(seed, prompt_id, policy, index)[:15], 16)
-
-
 def completion_id(prompt_id: str, policy: str, index: int, sampling: dict[str, Any]) -> str:
     """A stable id, ``<prompt id>-<8 hex>``: the same inputs, settings and seed give the same id."""
     settings = json.dumps(sampling, sort_keys=True)
-    return f"{prompt_id}-{_digest(prompt_id, policy, index, settings)[:8]}"
+    return f"{prompt_id}-{digest(prompt_id, policy, index, settings)[:8]}"
 
 
 def blind_order(completions: list[Completion], seed: int, prompt_id: str) -> list[Completion]:
     """All policies' completions of one prompt in one shuffled order (deterministic given the seed)."""
     shuffled = list(completions)
-    random.Random(int(_digest(seed, prompt_id, "shuffle")[:15], 16)).shuffle(shuffled)
+    random.Random(row_seed(seed, prompt_id, "shuffle")).shuffle(shuffled)
     return shuffled
 
 
@@ -173,7 +128,8 @@ class SamplesWriter:
         partial = self._read(self.partial, cut_half_line=True) if self.partial.exists() else {}
         self.lines = {**previous, **partial}
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.stream = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115  (open across the whole run; closed by finish/close)
+        # open across the whole run; closed by finish/close
+        self.stream = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115
         for pid, line in previous.items():  # OUT's lines join the partial file, so that it holds everything
             if pid not in partial:
                 self.stream.write(files.dumps(line) + "\n")
@@ -305,7 +261,7 @@ def sample_policy(
             pad_token_id=policy.tokenizer.pad_token_id,
             stop_strings=config.stop,
             tokenizer=policy.tokenizer,
-            seeds=[row_seed(config.seed, p.id, name, k) for p, k in batch],
+            seeds=[row_seed(config.seed, p.id, name, k) for p, k in batch],  # the completion's own seed
         )
         lengths = rollout.response_lengths.tolist()  # one device sync per batch
         logprobs = rollout.logprobs.sum(1).tolist()
@@ -326,24 +282,10 @@ def sample_policy(
     return out
 
 
-def _progress(console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("collect"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("prompts  {task.fields[tps]:>8.1f} tokens/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
 def run(config: CollectConfig) -> dict[str, Any]:
-    from rlhfkit.console import console
+    from rlhfkit.console import progress_bar
 
-    check_config(config)
+    config.check()
     specs = parse_policies(config.policy)
     prompts = load_prompts(config)
     sampling = sampling_settings(config, specs)
@@ -358,8 +300,7 @@ def run(config: CollectConfig) -> dict[str, Any]:
             policies = load_policies(specs, config)
             # enough prompts per chunk to fill a batch with their K completions
             per_chunk = max(1, config.batch_size // config.k)
-            with _progress(console) as progress:
-                task = progress.add_task("collect", total=len(todo), tps=0.0)
+            with progress_bar("collect", total=len(todo)) as bar:
                 for chunk in _chunks(todo, per_chunk):
                     by_policy = [sample_policy(policy, chunk, config, sampling, meter) for policy in policies]
                     for p in chunk:
@@ -372,7 +313,7 @@ def run(config: CollectConfig) -> dict[str, Any]:
                             finish[c.finish_reason] += 1
                         writer.write(Samples(p.id, p.prompt, tuple(kept), sampling).to_dict())
                     writer.sync()
-                    progress.update(task, advance=len(chunk), tps=meter.tokens_per_s)
+                    bar.update(len(chunk), info=f"{meter.tokens_per_s:.1f} tokens/s")
         lines = writer.finish([p.id for p in prompts])
     finally:
         writer.close()

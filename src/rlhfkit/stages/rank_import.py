@@ -27,11 +27,9 @@ from typing import Any
 from rlhfkit import stats
 from rlhfkit.config import RankImportConfig
 from rlhfkit.data import files, records
-from rlhfkit.errors import ConfigError
 from rlhfkit.losses import expand_ranking
-from rlhfkit.rankings import FORMATS, Judgement, SampleIndex, check_rankings, read_rankings
+from rlhfkit.rankings import Judgement, SampleIndex, check_rankings, read_rankings
 
-AGGREGATES = ("none", "majority")
 ANONYMOUS = "(anonymous)"
 
 
@@ -67,27 +65,6 @@ def is_validation(prompt_id: str, val_fraction: float, seed: int = 0) -> bool:
         return False
     digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).hexdigest()
     return int(digest[:16], 16) / 16**16 < val_fraction
-
-
-def check_config(config: RankImportConfig) -> None:
-    if not config.rankings:
-        raise ConfigError("RANKINGS: missing (a rankings file, or - for stdin)")
-    if not config.samples:
-        raise ConfigError("--samples: missing (the samples JSONL the rankings refer to)")
-    if not config.out:
-        raise ConfigError("--out: missing (a comparisons JSONL file, or - for stdout)")
-    if config.format != "auto" and config.format not in FORMATS:
-        raise ConfigError(f"--format: expected auto or one of {', '.join(FORMATS)}, got {config.format!r}")
-    if config.aggregate not in AGGREGATES:
-        raise ConfigError(f"--aggregate: expected none or majority, got {config.aggregate!r}")
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction: expected a number in [0, 1), got {config.val_fraction}")
-    if config.val_fraction > 0 and config.out == files.STDIO and not config.val_out:
-        raise ConfigError("--val-fraction with --out -: give --val-out FILE for the validation pairs")
-    if config.bootstrap < 0:
-        raise ConfigError(f"--bootstrap: expected 0 or more, got {config.bootstrap}")
-    if config.rankings == files.STDIO and config.samples == files.STDIO:
-        raise ConfigError("RANKINGS and --samples cannot both be stdin")
 
 
 # --- pairs --------------------------------------------------------------------------------------
@@ -236,7 +213,7 @@ def policy_stats(pairs: list[Pair], index: SampleIndex, n_bootstrap: int, seed: 
 def run(config: RankImportConfig) -> dict[str, Any]:
     from rlhfkit.console import console
 
-    check_config(config)
+    config.check()
     # 1. the rankings (read to the end first: in a pipe, the samples file may still be being written)
     rows = read_rankings(config.rankings, config.format)
     samples = records.load(config.samples, records.parse_samples, skip_invalid=config.skip_invalid)
@@ -272,6 +249,7 @@ def run(config: RankImportConfig) -> dict[str, Any]:
         "row_format": loaded.row_format,
         "records": loaded.records,
         "skipped": loaded.skipped,
+        "abstained": loaded.abstained,  # "can't judge" records (rlhfkit label's flag): no pairs
         "samples_skipped": samples.skipped,
         "judgements": len(loaded.judgements),
         "prompts": len(prompts),
@@ -316,6 +294,7 @@ def print_stats(summary: dict[str, Any], console: Any) -> None:
         ("format", summary["format"] if summary["format"] != "csv" else f"csv ({summary['row_format']} rows)"),
         ("records read", summary["records"]),
         ("records skipped", summary["skipped"]),
+        ("abstentions (can't judge)", summary["abstained"]),
         ("judgements", summary["judgements"]),
         ("prompts (train / val)", f"{summary['train_prompts']} / {summary['val_prompts']}"),
         ("pairs (train / val)", f"{summary['train_pairs']} / {summary['val_pairs']}"),

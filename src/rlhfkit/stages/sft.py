@@ -1,7 +1,7 @@
 """``rlhfkit sft``: supervised fine-tuning (step 1 of the recipe) and continued pretraining.
 
 Reads demonstrations (``text``, ``prompt``/``response`` or ``messages``; which tokens each shape
-trains is documented in `rlhfkit.data.demonstrations`), trains the causal LM (all weights, or
+trains is documented in `rlhfkit.demonstrations`), trains the causal LM (all weights, or
 LoRA adapters), and writes ``--out`` as a plain model directory with ``rlhfkit.json``,
 ``metrics.jsonl`` and ``checkpoints/``.
 
@@ -18,7 +18,7 @@ The loop, one optimizer step at a time:
    The output layer runs only where a token is trained (`TokenNLL`);
 4. clip the gradient norm, AdamW step, learning-rate schedule step;
 5. every ``--log-every`` steps a ``metrics.jsonl`` line (``loss/train`` = token mean over the
-   window, ``lr``, ``train/grad_norm``, ``throughput/tokens_per_s``); every ``--eval-every`` steps,
+   window, ``train/lr``, ``train/grad_norm``, ``perf/tokens_per_s``); every ``--eval-every`` steps,
    and before and after training, ``loss/eval`` and ``eval/perplexity`` = exp(token-mean NLL) on
    the held-out rows; every ``--save-every`` steps, and at the end, a checkpoint.
 
@@ -36,8 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,21 +47,34 @@ from rlhfkit import training
 from rlhfkit.config import SFTConfig
 from rlhfkit.console import progress_bar
 from rlhfkit.data import records
-from rlhfkit.data.demonstrations import Batch, DataStats, Example, collate, encode_dataset, pack
+from rlhfkit.demonstrations import Batch, DataStats, Example, collate, encode_dataset, pack
 from rlhfkit.errors import ConfigError
-from rlhfkit.losses import lm_loss
-from rlhfkit.models import DTYPES, RUN_FILES, apply_lora, load_model, load_tokenizer, merged, resolve_device, save_model_dir
+from rlhfkit.losses import lm_loss, nll_sum
+from rlhfkit.models import (
+    ADAPTER_DIR,
+    DTYPES,
+    RUN_FILES,
+    apply_lora,
+    base_model,
+    load_model,
+    load_tokenizer,
+    merged,
+    resolve_device,
+    save_adapter,
+    save_model_dir,
+)
 from rlhfkit.provenance import RunInfo, to_jsonable
 
-ADAPTER_DIR = "adapter"
 # options that may change between a run and its --resume (the rest must match)
-RESUME_MAY_CHANGE = ("resume", "max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "log_every", "device", "eval_batch_size",
-                     "gradient_checkpointing")  # fmt: skip
+RESUME_MAY_CHANGE = (
+    "max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "log_every", "device", "eval_batch_size",
+    "gradient_checkpointing",
+)  # fmt: skip
 
 
 def run(config: SFTConfig) -> dict[str, Any] | None:
     """Train; return the result (rank 0; None on the other ranks of a torchrun job)."""
-    validate_config(config)
+    config.check()
     device = resolve_device(config.device)
     dist = training.init_distributed(device)
     try:
@@ -74,40 +85,6 @@ def run(config: SFTConfig) -> dict[str, Any] | None:
         raise
     training.shutdown_distributed(dist)
     return result if dist.is_main else None
-
-
-def validate_config(c: SFTConfig) -> None:
-    """Every option checked before anything is loaded."""
-    for name in ("model", "data", "out"):
-        if not getattr(c, name):
-            raise ConfigError(f"--{name} is required")
-    positive = {"batch_size": c.batch_size, "grad_accum": c.grad_accum, "log_every": c.log_every, "eval_batch_size": c.eval_batch_size, "lora_r": c.lora_r}
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
-    non_negative = {"max_steps": c.max_steps, "warmup_steps": c.warmup_steps, "save_every": c.save_every, "eval_every": c.eval_every,
-                    "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm}  # fmt: skip
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {value}")
-    if c.max_steps == 0 and c.epochs < 1:
-        raise ConfigError(f"--epochs: must be at least 1 (or give --max-steps), got {c.epochs}")
-    if not c.lr > 0:
-        raise ConfigError(f"--lr: must be > 0, got {c.lr}")
-    if c.max_length < 2:
-        raise ConfigError(f"--max-length: must be at least 2 tokens, got {c.max_length}")
-    if not 0 <= c.val_fraction < 1:
-        raise ConfigError(f"--val-fraction: must be in [0, 1), got {c.val_fraction}")
-    if c.val_data and c.val_fraction > 0:
-        raise ConfigError("--val-data and --val-fraction: give one or the other")
-    if not 0 <= c.warmup_ratio < 1:
-        raise ConfigError(f"--warmup-ratio: must be in [0, 1), got {c.warmup_ratio}")
-    if c.schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"--schedule: expected cosine, linear or constant, got {c.schedule!r}")
-    if c.save_adapter and not c.lora:
-        raise ConfigError("--save-adapter needs --lora (there is no adapter to save)")
-    if c.dtype != "auto" and c.dtype not in DTYPES:
-        raise ConfigError(f"--dtype: expected auto, {', '.join(DTYPES)}, got {c.dtype!r}")
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -133,7 +110,15 @@ def load_data(config: SFTConfig, tokenizer: Any) -> Data:
         val_idx, train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
 
     def encode(source: str, items: Any, lines: list[int], skipped: int) -> tuple[list[Example], DataStats]:
-        return encode_dataset(tokenizer, items, lines, source=source, max_length=config.max_length, skip_invalid=config.skip_invalid, skipped=skipped)
+        return encode_dataset(
+            tokenizer,
+            items,
+            lines,
+            source=source,
+            max_length=config.max_length,
+            skip_invalid=config.skip_invalid,
+            skipped=skipped,
+        )
 
     train, train_stats = encode(config.data, [demos[i] for i in train_idx], [demos.lines[i] for i in train_idx], demos.skipped)
     val, val_stats = [], None
@@ -197,30 +182,6 @@ class RowSchedule:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def _prepare_out(config: SFTConfig, dist: training.Dist) -> Path | None:
-    """The checkpoint to resume from, if any; refuse to overwrite an unrelated or earlier run."""
-    from rlhfkit.console import console
-
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
-    if config.resume:
-        checkpoint = training.latest_checkpoint(out)
-        if checkpoint is None and out.is_dir() and any(out.iterdir()) and not _is_run_dir(out):
-            raise ConfigError(f"--out {out}: exists and is not a run directory of rlhfkit sft")
-        if checkpoint is None and dist.is_main:
-            console.print(f"[yellow]--resume: no checkpoint in {out}; starting from the beginning[/]")
-        return checkpoint
-    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        what = "holds an earlier run (pass --resume to continue it)" if _is_run_dir(out) else "exists and is not empty"
-        raise ConfigError(f"--out {out}: {what}; choose another directory or remove it")
-    return None
-
-
-def _is_run_dir(out: Path) -> bool:
-    return (out / "rlhfkit.json").is_file() or (out / training.CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
-
-
 def _acc_dtype(device: torch.device) -> torch.dtype:
     """float64 for sums of many token losses (MPS has no float64)."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -238,11 +199,9 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
         if dist.is_main:
             console.print(text, highlight=False, soft_wrap=True)  # soft wrap: paths stay whole for grep
 
-    resume_from = _prepare_out(config, dist)
-    training.barrier(dist)  # every rank has looked at --out before rank 0 writes into it
     resolved = to_jsonable(config)
-    if resume_from is not None:
-        training.check_resume_config(resume_from, resolved, ignore=RESUME_MAY_CHANGE)
+    resume_from = training.prepare_run_dir(config.out, config.resume, "sft", resolved, RESUME_MAY_CHANGE, dist)
+    training.barrier(dist)  # every rank has looked at --out before rank 0 writes into it
     info = RunInfo("sft", config, {"model": config.model, "data": config.data, "val_data": config.val_data or None})
     training.seed_everything(config.seed)
 
@@ -255,12 +214,22 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
 
     # 2. model, optimizer, schedule
     weights_dtype = torch.float32 if config.dtype == "auto" else DTYPES[config.dtype]
-    bf16 = config.bf16 if config.bf16 is not None else (config.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = (
+        config.bf16
+        if config.bf16 is not None
+        else (config.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    )
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--bf16: this GPU does not support bfloat16")
     model = load_model(config.model, dtype=weights_dtype, device=device, trust_remote_code=config.trust_remote_code)
     if config.lora:
-        model = apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_target_modules)
+        model = apply_lora(
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+        )
     if config.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -269,18 +238,24 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     schedule = RowSchedule(len(data.train), config, dist)
     total_steps = config.max_steps or config.epochs * schedule.steps_per_epoch
     warmup = config.warmup_steps or round(config.warmup_ratio * total_steps)
-    optimizer = training.make_optimizer(model, config.lr, config.weight_decay, fused=True if device.type in ("cpu", "cuda") else None)
+    optimizer = training.make_optimizer(
+        model, config.lr, config.weight_decay, fused=True if device.type in ("cpu", "cuda") else None
+    )
     scheduler = training.make_scheduler(optimizer, config.schedule, warmup, total_steps)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "train_seconds": 0.0}
     if resume_from is not None:
-        state.update(training.load_checkpoint(resume_from, modules={"model": model}, optimizers={"model": optimizer}, schedulers={"model": scheduler}))
+        state.update(
+            training.load_checkpoint(
+                resume_from, modules={"model": model}, optimizers={"model": optimizer}, schedulers={"model": scheduler}
+            )
+        )
         say(f"resuming from {resume_from} (step {state['step']})")
     nll_model = TokenNLL(model)
     probe = min(data.train[:16], key=len)  # a short row: the check costs two forward passes of it
     if nll_model.selective and not nll_model.check(collate([probe], tokenizer.pad_token_id).to(device)):
         say("[yellow]the output layer runs on every position (this model post-processes its logits)[/]")
     ddp_model = training.wrap_ddp(nll_model, dist, device)
-    metrics = training.MetricsLog(config.out, dist, resume_step=state["step"] if resume_from is not None else None)
+    metrics = training.MetricsLog(config.out, dist, resume_step=state["step"] if resume_from is not None else None, run=info)  # run: --report-to
     last: dict[str, Any] = {}
     initial: dict[str, float] = {}
     for row in training.read_metrics(config.out) if resume_from is not None else []:
@@ -297,12 +272,19 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
 
     def checkpoint() -> None:
         if dist.is_main:
+            position = {k: v for k, v in state.items() if k != "step"}
             training.save_checkpoint(config.out, state["step"], modules={"model": model}, optimizers={"model": optimizer},
-                                     schedulers={"model": scheduler}, state={k: v for k, v in state.items() if k != "step"} | {"config": resolved},
+                                     schedulers={"model": scheduler}, state=position | {"config": resolved},
                                      keep=config.keep_checkpoints)  # fmt: skip
         training.barrier(dist)
 
-    window = {"nll": torch.zeros((), device=device, dtype=_acc_dtype(device)), "label_tokens": 0, "tokens": 0, "paused": 0.0, "start": time.perf_counter()}
+    window = {
+        "nll": torch.zeros((), device=device, dtype=_acc_dtype(device)),
+        "label_tokens": 0,
+        "tokens": 0,
+        "paused": 0.0,
+        "start": time.perf_counter(),
+    }
     grad_norm = torch.zeros(())
     with progress_bar("sft", total_steps, completed=state["step"], enabled=dist.is_main) as bar:
         if data.val and state["step"] == 0:
@@ -311,11 +293,16 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             window["start"] = time.perf_counter()
         while state["step"] < total_steps:
             # 1. this step's rows; 2.-3. count their labelled tokens, forward/backward with that normaliser
-            batches = [collate([data.train[i] for i in rows], tokenizer.pad_token_id) for rows in schedule.micro_batches(state["epoch"], state["step_in_epoch"])]
+            batches = [
+                collate([data.train[i] for i in rows], tokenizer.pad_token_id)
+                for rows in schedule.micro_batches(state["epoch"], state["step_in_epoch"])
+            ]
             nll, label_tokens, tokens = accumulate_gradients(ddp_model, batches, device=device, dist=dist, autocast=autocast)
             window["nll"] += nll
             # 4. clip, step
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+            )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -338,9 +325,16 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
                 seconds = time.perf_counter() - window["start"] - window["paused"]
                 state["train_seconds"] += seconds
                 state["tokens"] += window["tokens"]
-                row |= {"loss/train": train_loss, "lr": lr, "train/grad_norm": grad_norm, "train/epoch": step / schedule.steps_per_epoch,
-                        "throughput/tokens_per_s": window["tokens"] / max(seconds, 1e-9)}  # fmt: skip
-                window = {"nll": torch.zeros_like(window["nll"]), "label_tokens": 0, "tokens": 0, "paused": 0.0, "start": time.perf_counter()}
+                row |= {"loss/train": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                        "train/epoch": step / schedule.steps_per_epoch,
+                        "perf/tokens_per_s": window["tokens"] / max(seconds, 1e-9)}  # fmt: skip
+                window = {
+                    "nll": torch.zeros_like(window["nll"]),
+                    "label_tokens": 0,
+                    "tokens": 0,
+                    "paused": 0.0,
+                    "start": time.perf_counter(),
+                }
             paused = time.perf_counter()
             if data.val and ((config.eval_every and step % config.eval_every == 0) or done):
                 _sync(device)
@@ -348,7 +342,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             if row:
                 last |= metrics.log(step, row)
                 if "loss/train" in row:
-                    bar.update(0, info=f"loss {last['loss/train']:.4f} | lr {lr:.2e} | {last['throughput/tokens_per_s']:,.0f} tok/s")
+                    bar.update(0, info=f"loss {last['loss/train']:.4f} | lr {lr:.2e} | {last['perf/tokens_per_s']:,.0f} tok/s")
             if save_due:
                 checkpoint()
             window["paused"] += time.perf_counter() - paused
@@ -358,14 +352,22 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     summary = {k: last[k] for k in ("loss/train", "loss/eval", "eval/perplexity") if k in last}
     if initial:
         summary |= {"loss/eval_initial": initial["loss/eval"], "eval/perplexity_initial": initial["eval/perplexity"]}
-    summary |= {"throughput/tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9), "train/steps": state["step"],
+    summary |= {"perf/tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9), "train/steps": state["step"],
                 "train/tokens": state["tokens"], "train/seconds": state["train_seconds"]}  # fmt: skip
     data_report = {"train": data.train_stats.as_dict(), **({"val": data.val_stats.as_dict()} if data.val_stats else {})}
     if dist.is_main:
         if config.lora and config.save_adapter:
-            _save_adapter(model, Path(config.out))
+            save_adapter(model, Path(config.out) / ADAPTER_DIR)
         extra = {"data": data_report, "precision": {"weights": str(weights_dtype).removeprefix("torch."), "bf16_autocast": bf16}}
-        save_model_dir(merged(model) if config.lora else model, tokenizer, config.out, info, summary, extra=extra, keep=(*RUN_FILES, ADAPTER_DIR))
+        save_model_dir(
+            merged(model) if config.lora else model,
+            tokenizer,
+            config.out,
+            info,
+            summary,
+            extra=extra,
+            keep=(*RUN_FILES, ADAPTER_DIR),
+        )
         say(f"wrote {config.out}")
     training.barrier(dist)
     return {"out": str(config.out), **summary, "data": data_report}
@@ -391,12 +393,16 @@ class TokenNLL(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters live in the module tree
+        inner = base_model(model)  # peft: the adapters live in the module tree
         backbone = getattr(inner, "base_model", None)
         head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
         # a plain tuple: not registered as submodules, so DDP and state_dict see every parameter once
         self._parts = (backbone, head) if backbone is not None and backbone is not inner and head is not None else None
-        config = inner.config.get_text_config() if hasattr(getattr(inner, "config", None), "get_text_config") else getattr(inner, "config", None)
+        config = (
+            inner.config.get_text_config()
+            if hasattr(getattr(inner, "config", None), "get_text_config")
+            else getattr(inner, "config", None)
+        )
         if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING):
             self._parts = None
         self.selective = self._parts is not None
@@ -405,9 +411,11 @@ class TokenNLL(torch.nn.Module):
         if not self.selective:
             return self.full(batch)
         backbone, head = self._parts  # type: ignore[misc]
-        hidden = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = backbone(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
         logits = head(hidden.flatten(0, 1).index_select(0, batch.target_index))  # (N, V)
-        return torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum")
+        return nll_sum(logits, batch.targets)
 
     def full(self, batch: Batch) -> torch.Tensor:
         logits = self.model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits  # (B, T, V)
@@ -428,7 +436,9 @@ class TokenNLL(torch.nn.Module):
         return self.selective
 
 
-def accumulate_gradients(model: Any, batches: list[Batch], *, device: torch.device, dist: training.Dist, autocast: Any = contextlib.nullcontext) -> tuple[torch.Tensor, int, int]:
+def accumulate_gradients(
+    model: Any, batches: list[Batch], *, device: torch.device, dist: training.Dist, autocast: Any = contextlib.nullcontext
+) -> tuple[torch.Tensor, int, int]:
     """Steps 2 and 3 of one optimizer step: forward and backward every micro-batch, with the loss
     normalised by the labelled-token count of the whole step (all micro-batches, all ranks).
     ``model`` is a `TokenNLL` (DDP-wrapped under torchrun).
@@ -453,7 +463,9 @@ def accumulate_gradients(model: Any, batches: list[Batch], *, device: torch.devi
 
 
 @torch.no_grad()
-def evaluate_rows(model: Any, rows: list[Example], batch_size: int, pad_token_id: int, device: torch.device, dist: training.Dist, autocast: Any) -> dict[str, float]:
+def evaluate_rows(
+    model: Any, rows: list[Example], batch_size: int, pad_token_id: int, device: torch.device, dist: training.Dist, autocast: Any
+) -> dict[str, float]:
     """``loss/eval`` (token-mean NLL over all held-out rows, all ranks) and ``eval/perplexity`` = exp of it.
     ``model`` is a `TokenNLL`."""
     was_training = model.training
@@ -472,18 +484,4 @@ def evaluate_rows(model: Any, rows: list[Example], batch_size: int, pad_token_id
     return {"loss/eval": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
 
 
-def _save_adapter(model: Any, out: Path) -> None:
-    """``OUT/adapter/``: the peft adapter alone (loadable with ``PeftModel.from_pretrained``), written atomically."""
-    from rlhfkit.models import replace_dir
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=out))
-    try:
-        training.unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        replace_dir(tmp, out / ADAPTER_DIR)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-__all__ = ["run", "validate_config", "load_data", "TokenNLL", "accumulate_gradients", "evaluate_rows", "RowSchedule"]
+__all__ = ["run", "load_data", "TokenNLL", "accumulate_gradients", "evaluate_rows", "RowSchedule"]

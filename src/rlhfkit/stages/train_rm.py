@@ -84,10 +84,9 @@ from rlhfkit.scoring import last_token_scores
 STAGE = "train-rm"
 # options that may differ when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = (
-    "resume", "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every",
+    "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every",
     "keep_checkpoints", "device", "norm_samples", "save_adapter",
 )  # fmt: skip
-ADAPTER_DIR = "adapter"
 
 
 class RewardScorer(torch.nn.Module):
@@ -127,45 +126,8 @@ def pair_loss(
 # --- the stage -------------------------------------------------------------------------------------
 
 
-def check_options(config: TrainRMConfig) -> None:
-    """Every option checked before anything is loaded."""
-    for name in ("model", "data", "out"):
-        if not getattr(config, name):
-            raise ConfigError(f"--{name} is required")
-    positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "lora_r")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    non_negative = (
-        "max_steps",
-        "warmup_steps",
-        "eval_every",
-        "save_every",
-        "keep_checkpoints",
-        "weight_decay",
-        "max_grad_norm",
-        "center_rewards_coef",
-    )
-    for name in non_negative:
-        if getattr(config, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if not config.lr > 0:
-        raise ConfigError(f"--lr must be > 0, got {config.lr}")
-    if not 0 <= config.val_fraction < 1:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
-    if config.max_length < 2:
-        raise ConfigError(f"--max-length must be at least 2, got {config.max_length}")
-    if config.schedule not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"--schedule: expected linear, cosine or constant, got {config.schedule!r}")
-    if config.save_adapter and not config.lora:
-        raise ConfigError("--save-adapter needs --lora")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
-
-
 def run(config: TrainRMConfig) -> dict[str, Any]:
-    check_options(config)
+    config.check()
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     dist = training.init_distributed(device)
@@ -183,7 +145,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
             console.print(text, highlight=False, soft_wrap=True)
 
     out = Path(config.out)
-    resume_from = _resume_point(config, out, dist)
+    resume_from = training.prepare_run_dir(out, config.resume, STAGE, dataclasses.asdict(config), RESUME_MAY_CHANGE, dist)
     info = RunInfo(
         STAGE,
         config,
@@ -285,7 +247,9 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
             raise ConfigError(f"--resume: {config.data} changed since {resume_from} was written; resume with the same data")
         step = int(state["step"])
         say(f"resuming from {resume_from} (step {step} of {total_steps})")
-    metrics_log = training.MetricsLog(out, dist, resume_step=step if resume_from is not None else None)
+    metrics_log = training.MetricsLog(
+        out, dist, resume_step=step if resume_from is not None else None, run=info
+    )  # run: --report-to
 
     def checkpoint(at: int) -> None:
         if dist.is_main:
@@ -369,16 +333,17 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
                     "rm/train_margin": mean["margin_mean"],
                     "rm/reward_mean": mean["reward_mean"],
                     "rm/reward_std": mean["reward_std"],
-                    "optim/lr": lr,
-                    "optim/grad_norm": mean["grad_norm"],
-                    "throughput/pairs_per_s": pairs_per_s,
-                    "throughput/tokens_per_s": mean["tokens"] * dist.world_size / max(train_seconds, 1e-9),
-                    "epoch": step / steps_per_epoch,
+                    "train/lr": lr,
+                    "train/grad_norm": mean["grad_norm"],
+                    "perf/pairs_per_s": pairs_per_s,
+                    "perf/tokens_per_s": mean["tokens"] * dist.world_size / max(train_seconds, 1e-9),
+                    "train/epoch": step / steps_per_epoch,
                 })  # fmt: skip
                 window = []
                 bar.update(
                     advance=0,
-                    info=f"loss {last['loss/train']:.4f} | acc {last['rm/train_accuracy']:.2f} | {last['throughput/pairs_per_s']:.1f} pairs/s",
+                    info=f"loss {last['loss/train']:.4f} | acc {last['rm/train_accuracy']:.2f} | "
+                    f"{last['perf/pairs_per_s']:.1f} pairs/s",
                 )
             bar.update(advance=1)
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
@@ -427,8 +392,8 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         final.config.pad_token_id = export_pad_token_id(tokenizer, final.config)
         keep = models.RUN_FILES
         if config.save_adapter:
-            _save_adapter(model, out / ADAPTER_DIR)
-            keep = (*keep, ADAPTER_DIR)
+            models.save_adapter(model, out / models.ADAPTER_DIR)
+            keep = (*keep, models.ADAPTER_DIR)
         models.save_model_dir(final, tokenizer, out, info, summary, extra={"reward": norm}, keep=keep)
         accuracy = f"held-out accuracy {evaluation['rm/accuracy']:.3f}, " if evaluation else "no held-out set, "
         say(f"reward model saved to {out}: {accuracy}reward normalised with gain {norm['gain']:.4g}, bias {norm['bias']:.4g}")
@@ -443,32 +408,6 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         "metrics": summary,
         "reward": norm,
     }
-
-
-def _resume_point(config: TrainRMConfig, out: Path, dist: training.Dist) -> Path | None:
-    """The checkpoint to resume from, if any. Never write over an earlier run without --resume, nor
-    over a directory that is not a run directory (the final save replaces OUT as a whole); the same
-    rules as sft."""
-    from rlhfkit.console import console
-
-    has_files = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
-    is_run = (out / "rlhfkit.json").is_file() or (out / training.CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
-    if not config.resume:
-        if has_files:
-            what = "holds an earlier run (pass --resume to continue it)" if is_run else "exists and is not empty"
-            raise ConfigError(f"--out {out}: {what}; choose another directory or remove it")
-        return None
-    latest = training.latest_checkpoint(out)
-    if latest is None:
-        if has_files and not is_run:
-            raise ConfigError(f"--out {out}: exists and is not a run directory of rlhfkit train-rm")
-        if dist.is_main:
-            console.print(
-                f"[yellow]--resume: no checkpoint in {out}; starting from the beginning[/]", highlight=False, soft_wrap=True
-            )
-        return None
-    training.check_resume_config(latest, dataclasses.asdict(config), ignore=RESUME_MAY_CHANGE)
-    return latest
 
 
 def _epoch_batches(n: int, dist: training.Dist, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -597,18 +536,3 @@ def export_pad_token_id(tokenizer: Any, model_config: Any) -> int | None:
     if pad is None or pad in chat.stop_token_ids(tokenizer, model_config):
         return None
     return int(pad)
-
-
-def _save_adapter(model: Any, target: Path) -> None:
-    """The LoRA adapter (and the trained score head) as a peft directory, written atomically."""
-    import shutil
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        training.unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        models.replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

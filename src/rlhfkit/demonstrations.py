@@ -133,7 +133,10 @@ def assistant_spans(tokenizer: Any, messages: Messages, text: str) -> list[tuple
         if not text.startswith(before):  # a template whose generation prompt is not the turn header
             before = _render(tokenizer, messages[:i], generation_prompt=False)
         if not (text.startswith(through) and through.startswith(before)):
-            raise RecordError(f"messages.{i}", "the chat template does not render the conversation turn by turn; cannot locate this assistant turn")
+            raise RecordError(
+                f"messages.{i}",
+                "the chat template does not render the conversation turn by turn; cannot locate this assistant turn",
+            )
         turn = text[len(before) : len(through)]
         content = message["content"]
         offset = 0 if turn.startswith(content) else turn.find(content)
@@ -141,7 +144,10 @@ def assistant_spans(tokenizer: Any, messages: Messages, text: str) -> list[tuple
             content = content.strip()  # templates that trim the content
             offset = turn.find(content)
         if offset < 0:
-            raise RecordError(f"messages.{i}.content", "the chat template changes this assistant turn's text; cannot locate it for the loss mask")
+            raise RecordError(
+                f"messages.{i}.content",
+                "the chat template changes this assistant turn's text; cannot locate it for the loss mask",
+            )
         start = len(before) + offset
         spans.append((start, start + len(content), len(through)))
     return spans
@@ -151,7 +157,9 @@ def _render(tokenizer: Any, messages: Messages, *, generation_prompt: bool) -> s
     try:
         return render_prompt(tokenizer, messages) if generation_prompt else render_messages(tokenizer, messages)
     except Exception as e:  # jinja2 raises TemplateError (e.g. "roles must alternate") and others
-        raise RecordError("messages", f"the chat template refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise RecordError(
+            "messages", f"the chat template refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def special_token_ids(tokenizer: Any) -> set[int]:
@@ -232,7 +240,12 @@ def encode_dataset(
         stats.label_tokens += example.num_label_tokens
     stats.examples = stats.rows = len(examples)
     if not examples:
-        raise DataError(source, None, None, f"no example left to train on ({stats.dropped_no_target} had no target token within --max-length {max_length})")
+        raise DataError(
+            source,
+            None,
+            None,
+            f"no example left to train on ({stats.dropped_no_target} had no target token within --max-length {max_length})",
+        )
     return examples, stats
 
 

@@ -1,0 +1,120 @@
+"""``rlhfkit ppo``'s models: policy, reference, reward and critic, assembled for `rlhfkit.stages.ppo`.
+
+* the policy (trained), in float32 with dropout off everywhere (SPEC §5 ppo 8);
+* the reference (frozen): a copy of the starting policy, ``--ref`` (iterated RLHF measures the KL to
+  the SFT model), or with ``--lora`` the policy's own backbone with the adapter switched off (one
+  backbone in memory);
+* the reward (`rlhfkit.reward.load_reward`): a reward-model directory or a ``python:`` script;
+* the critic: a value model of its own (``--value-head separate``: ``--value-model``, else the reward
+  model, else the policy with a fresh score head) or a linear head on the policy (``--value-head
+  policy``); with ``--lora`` the value model gets adapters of its own;
+* `Models` bundles them with the autocast used around every forward (bf16/fp16 with float32
+  weights); `value.ActorCritic` joins policy and critic in one module, the one the optimizer
+  trains and DDP wraps.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhfkit.config import PPOConfig
+from rlhfkit.stages.ppo_options import sizes
+from rlhfkit.training import Dist, unwrap
+
+
+@dataclass
+class Models:
+    """Everything a PPO step runs: the trained actor-critic, the frozen reference and the reward."""
+
+    actor_critic: Any  # value.ActorCritic (what the optimizer trains), DDP-wrapped under torchrun
+    reference: Any  # the frozen reference policy; None with LoRA (the policy with its adapter off)
+    reward: Any  # reward.Reward
+    tokenizer: Any
+    stop_token_ids: list[int]
+    autocast_dtype: torch.dtype | None  # bf16/fp16 autocast around every forward, or None (float32)
+
+    @property
+    def core(self) -> Any:
+        """The ActorCritic itself (without a DDP wrapper)."""
+        return unwrap(self.actor_critic)
+
+    @property
+    def policy(self) -> Any:
+        return self.core.policy
+
+    def autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        device_type = next(self.core.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def reference_logprobs(self, *args: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Log-probs (B, T) of the frozen reference: the copy, or with LoRA the policy's own
+        backbone with the adapter switched off (one backbone in memory)."""
+        from rlhfkit.generation import policy_logprobs
+
+        model, context = (self.reference, nullcontext()) if self.reference is not None else (self.policy, self.policy.disable_adapter())
+        with context, self.autocast():
+            return policy_logprobs(model, *args, temperature)[0]
+
+
+def _dropout_off(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere (SPEC §5 ppo 8): the dropout modules, and eval mode for the attention
+    dropout that transformers applies only while ``model.training``."""
+    from rlhfkit.models import disable_dropout
+
+    disable_dropout(model)
+    return model.eval()
+
+
+def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype: torch.dtype, dist: Dist = Dist()) -> Models:
+    """Policy, reference, reward and critic, ready for `rlhfkit.stages.ppo.ppo_step`.
+
+    Trainable models (policy, critic) and the reference keep float32 weights and run under
+    autocast when ``dtype`` is bf16/fp16, so that the policy and the reference compute the same
+    thing from the same weights; the reward model is loaded in ``dtype`` (inference only).
+    """
+    from rlhfkit import models
+    from rlhfkit.chat import stop_token_ids
+    from rlhfkit.reward import is_script, load_reward
+    from rlhfkit.training import wrap_ddp
+    from rlhfkit.value import ActorCritic, ValueHead, hidden_size
+
+    micro = sizes(config).micro_batch
+    reward = load_reward(config.rm, tokenizer, device, dtype, trust_remote_code=config.trust_remote_code, batch_size=micro)
+    policy = _dropout_off(models.load_model(config.policy, "causal-lm", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code))
+    reference = None
+    if config.ref:
+        reference = models.load_model(config.ref, "causal-lm", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
+        reference = _dropout_off(reference).requires_grad_(False)
+    elif not config.lora:
+        reference = _dropout_off(copy.deepcopy(policy)).requires_grad_(False)
+    value_model = value_head = None
+    if config.value_head == "policy":
+        value_head = ValueHead(hidden_size(policy)).to(device)
+    else:
+        spec = config.value_model or (config.policy if is_script(config.rm) else config.rm)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # a fresh score head (a value model from a plain LM) starts the same every time
+            value_model = models.load_model(spec, "reward", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
+        value_model = _dropout_off(value_model)
+    if config.lora:
+        lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "target_modules": config.lora_target_modules}
+        policy = _dropout_off(models.apply_lora(policy, kind="causal-lm", **lora))
+        if value_model is not None:
+            value_model = _dropout_off(models.apply_lora(value_model, kind="reward", **lora))
+    actor_critic = ActorCritic(policy, value_model=value_model, value_head=value_head).eval()
+    autocast = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    return Models(
+        actor_critic=wrap_ddp(actor_critic, dist, device),
+        reference=reference,
+        reward=reward,
+        tokenizer=tokenizer,
+        stop_token_ids=stop_token_ids(tokenizer, policy.config),
+        autocast_dtype=autocast,
+    )

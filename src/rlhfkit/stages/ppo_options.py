@@ -1,0 +1,32 @@
+"""``rlhfkit ppo``'s batch sizes.
+
+(every option itself is checked by `config.PPOConfig.check`; what ``--out`` holds by
+`training.prepare_run_dir`)
+
+* `sizes` — ``--batch-size`` rollouts per step, cut into ``--mini-batch-size`` rollouts per
+  optimizer step and ``--grad-accum`` micro-batches per mini-batch, refusing to round
+  (lm-human-preferences' ``exact_div``). Batch sizes are per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhfkit.config import PPOConfig, exact_div
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batch: int  # rollouts per step (per process)
+    mini_batch: int  # rollouts per optimizer step
+    micro_batch: int  # rollouts per forward/backward
+    mini_batches: int  # optimizer steps per PPO epoch
+
+
+def sizes(config: PPOConfig) -> Sizes:
+    """The batch sizes of ``config`` (a ConfigError when they do not divide)."""
+    mini = config.mini_batch_size or config.batch_size
+    mini_batches = exact_div(config.batch_size, mini, "--batch-size must be a multiple of --mini-batch-size")
+    micro = exact_div(mini, config.grad_accum, "--mini-batch-size must be a multiple of --grad-accum")
+    return Sizes(config.batch_size, mini, micro, mini_batches)
+
