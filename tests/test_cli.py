@@ -24,7 +24,11 @@ def test_version_and_help(cli):
     result = cli("-h")
     assert result.exit_code == 0 and "Usage" in result.stdout and "--install-completion" in result.stdout
     # the commands in the recipe's order, then the tools
-    listed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2 and line.split()[1].islower()]
+    listed = [
+        line.split()[1]
+        for line in result.stdout.splitlines()
+        if line.startswith("│ ") and len(line.split()) > 2 and line.split()[1].islower()
+    ]
     recipe = ["sft", "collect", "label", "rank-import", "train-rm", "ppo", "eval"]
     assert [c for c in listed if c in recipe + ["validate", "plot"]] == recipe + ["validate", "plot"]
 

@@ -49,7 +49,7 @@ def test_same_seed_same_file_whatever_the_batch(collect, tmp_path, tiny_llama_di
     assert lines[1]["prompt"] == PROMPTS[1]["messages"]  # the chat prompt is kept as messages
     assert lines[0]["sampling"] == {
         "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "stop": [], "k": 2, "seed": 0,
-        "policies": [tiny_llama_dir.name], "dedup": False,
+        "policies": [tiny_llama_dir.name], "dedup": False, "chat_template": "auto",
     }  # fmt: skip
     ids = [c["id"] for line in lines for c in line["completions"]]
     assert len(set(ids)) == 6 and all(c["id"].startswith(line["prompt_id"] + "-") for line in lines for c in line["completions"])
@@ -77,13 +77,15 @@ def test_several_policies_are_shuffled_together(collect, tmp_path, tiny_llama_di
 
 
 def test_stop_strings_and_finish_reason(collect, tmp_path):
-    _, free = collect(tmp_path / "free.jsonl", "--temperature", "0", "--k", "1", "--max-new-tokens", "12")
+    # raw prompts: after a chat template's "assistant\n" the random tiny model says only newlines
+    raw = ("--chat-template", "never")
+    _, free = collect(tmp_path / "free.jsonl", "--temperature", "0", "--k", "1", "--max-new-tokens", "12", *raw)
     texts = [line["completions"][0]["text"] for line in free]
     assert all(line["completions"][0]["finish_reason"] == "length" for line in free)  # a random tiny model never says EOS
     # a stop string that greedy decoding is known to produce: two printable characters of a completion
     chosen = next(i for i, t in enumerate(texts) if len(t) > 3 and t[1:3].isprintable() and t[1:3].strip())
     stop = texts[chosen][1:3]
-    _, cut = collect(tmp_path / "cut.jsonl", "--temperature", "0", "--k", "1", "--max-new-tokens", "12", "--stop", stop)
+    _, cut = collect(tmp_path / "cut.jsonl", "--temperature", "0", "--k", "1", "--max-new-tokens", "12", "--stop", stop, *raw)
     for text, line in zip(texts, cut):
         c = line["completions"][0]
         if stop in text:

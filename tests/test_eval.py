@@ -91,7 +91,8 @@ def setup(tiny_llama_dir, tmp_path_factory):
 
 
 def base_args(s: dict, *extra: str) -> list[str]:
-    return ["eval", "--baseline", f"sft={s['sft']}", "--prompts", s["prompts"], "--max-new-tokens", "6", "--seed", "3", "--bootstrap", "50", *extra]
+    return ["eval", "--baseline", f"sft={s['sft']}", "--prompts", s["prompts"], "--max-new-tokens", "6", "--seed", "3",
+            "--bootstrap", "50", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +127,12 @@ def _without(record: dict, *keys: str) -> dict:
 
 def test_report_fields(report):
     r, out = report
-    assert set(r) >= {"prompts", "n_samples", "sampling", "inputs", "interval", "baseline", "policies", "best_of", "checkpoints", "elo", "agreement", "judge", "throughput", "files"}
+    assert set(r) >= {"prompts", "n_samples", "sampling", "inputs", "interval", "baseline", "policies", "best_of",
+                      "checkpoints", "elo", "agreement", "judge", "throughput", "files"}  # fmt: skip
     assert (r["prompts"], r["n_samples"]) == (3, 2)
-    assert r["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 6, "seed": 3, "kl_temperature": 0.7}
+    assert r["sampling"] == {
+        "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 6, "seed": 3, "chat_template": "auto", "kl_temperature": 0.7
+    }  # fmt: skip
     assert [p["name"] for p in r["policies"]] == ["same", "other"] and r["baseline"]["name"] == "sft"
     for p in [r["baseline"], *r["policies"], r["best_of"]]:
         assert set(p) >= {"name", "path", "samples", "score", "kl", "length", "stopped", "perplexity"}
@@ -254,7 +258,8 @@ def test_reward_model_directory(setup, cli, tokenizer, tmp_path):
 def fake_ppo_run(run: Path, policy_dir: Path, model: torch.nn.Module, step: int, config: dict) -> None:
     from rlhfkit.training import save_checkpoint
 
-    save_checkpoint(run, step, modules={"policy": model}, optimizers={}, schedulers={}, state={"config": {"policy": str(policy_dir), **config}}, keep=10)
+    state = {"config": {"policy": str(policy_dir), **config}}
+    save_checkpoint(run, step, modules={"policy": model}, optimizers={}, schedulers={}, state=state, keep=10)
 
 
 def test_checkpoints_full_and_lora(setup, cli, tmp_path):
@@ -270,11 +275,15 @@ def test_checkpoints_full_and_lora(setup, cli, tmp_path):
             torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(0))
     fake_ppo_run(run, setup["sft"], lora, 2, {"lora": True, "lora_r": 4, "lora_alpha": 8})  # only the adapters
 
-    merged, _ = load_checkpoint_policy(str(run), run / "checkpoints" / "step-000002", device="cpu", dtype=torch.float32, trust_remote_code=False)
+    merged, _ = load_checkpoint_policy(
+        str(run), run / "checkpoints" / "step-000002", device="cpu", dtype=torch.float32, trust_remote_code=False
+    )
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(merged(input_ids=ids).logits, lora.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
-    result = cli(*base_args(setup, "--policy", str(setup["other"]), "--rm", setup["rm"], "--checkpoints", run, "--out", tmp_path / "out"))
+    result = cli(
+        *base_args(setup, "--policy", str(setup["other"]), "--rm", setup["rm"], "--checkpoints", run, "--out", tmp_path / "out")
+    )
     assert result.exit_code == 0, result.stderr
     checkpoints = json.loads(result.stdout)["checkpoints"]
     assert [c["step"] for c in checkpoints] == [1, 2]
@@ -289,14 +298,17 @@ def test_checkpoints_full_and_lora(setup, cli, tmp_path):
 def test_failing_judge_is_one_line(setup, cli, tmp_path):
     script = tmp_path / "bad_judge.py"
     script.write_text("import sys\nsys.stdin.read()\nprint('the judge is out to lunch', file=sys.stderr)\nsys.exit(3)\n")
-    result = cli(*base_args(setup, "--policy", str(setup["other"]), "--judge", f"{sys.executable} {script}", "--max-prompts", "1"))
+    result = cli(
+        *base_args(setup, "--policy", str(setup["other"]), "--judge", f"{sys.executable} {script}", "--max-prompts", "1")
+    )
     assert result.exit_code == 1 and result.stdout == ""
     assert "exited with status 3: the judge is out to lunch" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
     assert not any("out to lunch" in line for line in result.stderr.strip().splitlines()[:-1])  # not repeated above
     slow = tmp_path / "slow_judge.py"
     slow.write_text("import sys, time\nsys.stdin.read()\ntime.sleep(30)\n")
-    result = cli(*base_args(setup, "--policy", str(setup["other"]), "--judge", f"{sys.executable} {slow}", "--judge-timeout", "0.5", "--max-prompts", "1"))
+    judge = ("--judge", f"{sys.executable} {slow}", "--judge-timeout", "0.5")
+    result = cli(*base_args(setup, "--policy", str(setup["other"]), *judge, "--max-prompts", "1"))
     assert result.exit_code == 1 and "no answer within 0.5 s" in result.stderr
 
 
@@ -308,12 +320,16 @@ def test_malformed_judge_output_is_one_line(setup, cli, tmp_path):
         "    s = json.loads(line)\n"
         "    print(json.dumps({'prompt_id': s['prompt_id'], 'ranking': ['made-up', s['completions'][0]['id']]}))\n"
     )
-    result = cli(*base_args(setup, "--policy", str(setup["other"]), "--judge", f"{sys.executable} {script}", "--max-prompts", "1"))
+    result = cli(
+        *base_args(setup, "--policy", str(setup["other"]), "--judge", f"{sys.executable} {script}", "--max-prompts", "1")
+    )
     assert result.exit_code == 1
     line = result.stderr.strip().splitlines()[-1]
     assert "invalid rankings" in line and "field 'ranking.0'" in line and "unknown completion id 'made-up'" in line
     script.write_text("import sys\nsys.stdin.read()\nprint('not json')\n")
-    result = cli(*base_args(setup, "--policy", str(setup["other"]), "--judge", f"{sys.executable} {script}", "--max-prompts", "1"))
+    result = cli(
+        *base_args(setup, "--policy", str(setup["other"]), "--judge", f"{sys.executable} {script}", "--max-prompts", "1")
+    )
     assert result.exit_code == 1 and "invalid JSON" in result.stderr
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.chat import encode_prompt, stop_token_ids
-from rlhfkit.generation import left_pad, sample, sequence_logprobs
+from rlhfkit.generation import left_pad, policy_logprobs, sample
 
 
 def _prompts(tokenizer):
@@ -63,7 +63,7 @@ def test_stop_token_ends_the_row_and_is_masked_after(tiny_llama, tokenizer):
     assert r.completion_text(0, tokenizer) == ""
 
 
-def test_length_finish_and_sequence_logprobs_agree(tiny_llama, tokenizer):
+def test_length_finish_and_policy_logprobs_agree(tiny_llama, tokenizer):
     tiny_llama.eval()  # the fixture ships with attention dropout, as real checkpoints do
     prompts = _prompts(tokenizer)
     r = sample(
@@ -77,7 +77,7 @@ def test_length_finish_and_sequence_logprobs_agree(tiny_llama, tokenizer):
     )
     assert not r.stopped.any() and r.response_mask.sum(1).tolist() == [6, 6, 6]
     with torch.no_grad():
-        lp, ent = sequence_logprobs(
+        lp, ent, _ = policy_logprobs(
             tiny_llama, r.query, r.query_mask, r.response, r.response_mask, temperature=0.7, with_entropy=True
         )
     torch.testing.assert_close(lp, r.logprobs, atol=1e-4, rtol=1e-4)

@@ -104,13 +104,27 @@ def test_blind_order_is_per_annotator_and_stable():
     assert [blind_order(1, "alice", t) for t in tasks[:2]] != orders["alice"][:2]  # the seed changes them too
 
 
+def test_label_seeds_keep_the_values_recorded_logs_rely_on():
+    """The blind order is recomputed from (seed, annotator, prompt, ids) to read a judgement log back,
+    so the label scheme of `seeds.row_seed` stays the first 8 bytes of sha256 of the parts joined by NUL."""
+    import hashlib
+
+    from rlhfkit.seeds import row_seed
+
+    parts = (0, "order", "alice", "p1", "c1", "c2")
+    expected = int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "big")
+    assert row_seed(*parts, scheme="hex64") == expected
+
+
 def test_k_max_shows_everyone_the_same_subset_and_pairwise_every_couple():
     samples = [parse_samples(s) for s in _samples(k=6)]
     tasks, _ = build_tasks(samples, "rank", k_max=3, seed=5)
     assert [len(t.completion_ids) for t in tasks] == [3, 3, 2]
     assert tasks[0].completion_ids == build_tasks(samples, "rank", k_max=3, seed=5)[0][0].completion_ids
     pairwise, _ = build_tasks(samples, "pairwise", k_max=3, seed=5)
-    assert len(pairwise) == 3 + 3 + 1 and {t.completion_ids for t in pairwise[:3]} == set(combinations(tasks[0].completion_ids, 2))
+    assert len(pairwise) == 3 + 3 + 1 and {t.completion_ids for t in pairwise[:3]} == set(
+        combinations(tasks[0].completion_ids, 2)
+    )
     with pytest.raises(ConfigError, match="best-of-K judgement ranks the best above every completion"):
         build_tasks(samples, "best-of-k", k_max=3)
 
@@ -212,7 +226,9 @@ def test_abstention_first_still_detects_the_format(cli, tmp_path, samples_file):
             {"prompt_id": "p1", "best": "p1-c", "annotator": "x"},
         ],
     )
-    result = cli("rank-import", rankings, "--samples", samples_file, "--out", tmp_path / "o.jsonl", "--stats", tmp_path / "s.json")
+    result = cli(
+        "rank-import", rankings, "--samples", samples_file, "--out", tmp_path / "o.jsonl", "--stats", tmp_path / "s.json"
+    )
     assert result.exit_code == 0, result.stderr
     assert "format auto -> best-of-k" in result.stderr and "abstentions (can't judge)" in result.stderr
     assert json.loads((tmp_path / "s.json").read_text())["abstained"] == 1 and json.loads(result.stdout)["pairs"] == 3
@@ -308,7 +324,10 @@ def _export(cli, tmp_path, samples_file, tool, *args) -> tuple[list[dict], str]:
 def test_label_studio_ranker_round_trip_json_and_json_min(cli, tmp_path, samples_file):
     tasks, config_path = _export(cli, tmp_path, samples_file, "label-studio")
     config = ET.parse(config_path).getroot()  # well-formed XML
-    assert config.find("List").get("value") == "$items" and config.find("Ranker").attrib == {"name": "rank", "toName": "responses"}
+    assert config.find("List").get("value") == "$items" and config.find("Ranker").attrib == {
+        "name": "rank",
+        "toName": "responses",
+    }
     assert [t["data"]["prompt_id"] for t in tasks] == ["p1", "p2", "p3"]
     assert all("policy" not in json.dumps(t) and "sft" not in json.dumps(t) for t in tasks)  # blind
     assert tasks[2]["data"]["messages"] == CHAT
@@ -325,9 +344,19 @@ def test_label_studio_ranker_round_trip_json_and_json_min(cli, tmp_path, samples
             "id": i + 1,
             "data": task["data"],
             "annotations": [
-                {"id": 10 + i, "completed_by": 7, "result": [ranker(by_7[task["data"]["prompt_id"]])], "was_cancelled": False,
-                 "lead_time": 12.5, "created_at": "2025-01-01T10:00:00Z"},
-                {"id": 20 + i, "completed_by": {"id": 8, "email": "ann@example.org"}, "result": [ranker(orders[task["data"]["prompt_id"]])]},
+                {
+                    "id": 10 + i,
+                    "completed_by": 7,
+                    "result": [ranker(by_7[task["data"]["prompt_id"]])],
+                    "was_cancelled": False,
+                    "lead_time": 12.5,
+                    "created_at": "2025-01-01T10:00:00Z",
+                },
+                {
+                    "id": 20 + i,
+                    "completed_by": {"id": 8, "email": "ann@example.org"},
+                    "result": [ranker(orders[task["data"]["prompt_id"]])],
+                },
                 {"id": 30 + i, "completed_by": 9, "was_cancelled": True, "result": []},
             ],
         }  # fmt: skip
@@ -364,7 +393,8 @@ def test_label_studio_pairwise_round_trip_json_and_json_min(cli, tmp_path, sampl
         expected.add(("u1", left, right) if chosen[i] == "left" else ("u1", right, left))
     export = [
         {"id": i, "data": t["data"], "annotations": [{"completed_by": {"email": "u1"}, "result": [
-            {"from_name": "comparison", "to_name": "response_a,response_b", "type": "pairwise", "value": {"selected": chosen[i]}}]}]}
+            {"from_name": "comparison", "to_name": "response_a,response_b", "type": "pairwise",
+             "value": {"selected": chosen[i]}}]}]}
         for i, t in enumerate(tasks)
     ]  # fmt: skip
     _, pairs, count = _pairs(cli, tmp_path, samples_file, _write(tmp_path / "pw.json", export))
@@ -387,7 +417,10 @@ def test_argilla_round_trip_nested_and_flattened_exports(cli, tmp_path):
     assert settings["guidelines"] == "Prefer **short** answers."
     assert [f["name"] for f in settings["fields"]] == ["prompt", "response_1", "response_2", "response_3"]
     question = settings["questions"][0]
-    assert question["settings"] == {"type": "ranking", "options": [{"value": f"response_{i}", "text": f"Response {i}"} for i in (1, 2, 3)]}
+    assert question["settings"] == {
+        "type": "ranking",
+        "options": [{"value": f"response_{i}", "text": f"Response {i}"} for i in (1, 2, 3)],
+    }
     assert records[0]["metadata"]["prompt_id"] == "p1" and "policy" not in json.dumps(records)
 
     def ids(record):

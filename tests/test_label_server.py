@@ -93,14 +93,23 @@ def start(tmp_path):
 
 
 def _samples(n: int = 3, k: int = 4, chat: bool = True) -> list[dict]:
-    answers = ["Canberra.", "Sydney is the capital.", "The capital of Australia is Canberra. Hope this helps!", "Canberra, since 1913."]
+    answers = [
+        "Canberra.",
+        "Sydney is the capital.",
+        "The capital of Australia is Canberra. Hope this helps!",
+        "Canberra, since 1913.",
+    ]
     out = []
     for i in range(n):
         prompt: object = f"Question {i + 1}: what is the capital of Australia?"
         if chat and i == 0:
-            prompt = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital of Australia?"}]
-        completions = [{"id": f"p{i + 1}-{j}", "text": answers[j % 4] if j < 4 else f"Answer {j}.", "policy": "sft" if j % 2 else "ppo",
-                        "finish_reason": "length" if j == 3 else "stop"} for j in range(k)]  # fmt: skip
+            prompt = [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "What is the capital of Australia?"},
+            ]
+        completions = [{"id": f"p{i + 1}-{j}", "text": answers[j % 4] if j < 4 else f"Answer {j}.",
+                        "policy": "sft" if j % 2 else "ppo", "finish_reason": "length" if j == 3 else "stop"}
+                       for j in range(k)]  # fmt: skip
         out.append({"prompt_id": f"p{i + 1}", "prompt": prompt, "completions": completions})
     return out
 
@@ -142,7 +151,9 @@ def test_fifty_parallel_submissions_from_two_annotators_lose_nothing(cli, tmp_pa
     def submit(job):
         name, index = job
         ranks = [1, 2, 3] if name == "alice" else [3, 1, 2]
-        return job, server.call("POST", "/api/submit", {"annotator": name, "index": index, "prompt_id": tasks[index].prompt_id, "ranks": ranks})[0]
+        return job, server.call(
+            "POST", "/api/submit", {"annotator": name, "index": index, "prompt_id": tasks[index].prompt_id, "ranks": ranks}
+        )[0]
 
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         results = list(pool.map(submit, jobs))
@@ -202,7 +213,12 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(tmp_path, start
     status, data, _ = server.call("POST", "/api/submit", good)
     assert status == 200 and data["progress"] == {"done": 1, "total": 1} and data["task"] is None  # alice: p1 only
     status, data, _ = server.call("GET", "/api/task?annotator=bob")
-    assert status == 200 and data["task"]["prompt_id"] == "p2" and "policy" not in json.dumps(data) and "p2-0" not in json.dumps(data)
+    assert (
+        status == 200
+        and data["task"]["prompt_id"] == "p2"
+        and "policy" not in json.dumps(data)
+        and "p2-0" not in json.dumps(data)
+    )
 
     # undo: the latest record goes, its task comes back with the judgement to show again
     status, data, _ = server.call("POST", "/api/undo", {"annotator": "alice"})
@@ -249,7 +265,9 @@ def test_sigkill_mid_burst_keeps_every_acknowledged_judgement_and_a_torn_line_is
     def labeler(name: str) -> None:
         for t in tasks:
             try:
-                status = server.call("POST", "/api/submit", {"annotator": name, "index": t.index, "prompt_id": t.prompt_id, "ranks": [2, 1, 3]})[0]
+                status = server.call(
+                    "POST", "/api/submit", {"annotator": name, "index": t.index, "prompt_id": t.prompt_id, "ranks": [2, 1, 3]}
+                )[0]
             except OSError:  # the server is gone
                 return
             if status == 200:
@@ -280,7 +298,8 @@ def test_sigkill_mid_burst_keeps_every_acknowledged_judgement_and_a_torn_line_is
     done = sum(r["annotator"] == "alice" for r in written)
     assert status == 200 and data["progress"] == {"done": done, "total": 40} and data["task"]["index"] == done  # resumed
     t = tasks[done]
-    assert server.call("POST", "/api/submit", {"annotator": "alice", "index": t.index, "prompt_id": t.prompt_id, "ranks": [1, 2, 3]})[0] == 200
+    judgement = {"annotator": "alice", "index": t.index, "prompt_id": t.prompt_id, "ranks": [1, 2, 3]}
+    assert server.call("POST", "/api/submit", judgement)[0] == 200
     summary, _, count = _rank_import(cli, tmp_path, samples_path, out)
     assert summary["judgements"] == len(written) + 1 and count == 3 * (len(written) + 1)
 
@@ -351,7 +370,8 @@ class Page:
     def drag(self, letter: str, rank: int) -> None:
         chip = next(c for c in self.find_all("#strip .chip") if c.text == letter)
         slot = self.find(f'#strip .slot[data-rank="{rank}"]')
-        self.ActionChains(self.driver, duration=20).click_and_hold(chip).move_by_offset(8, 8).move_to_element(slot).release().perform()
+        chain = self.ActionChains(self.driver, duration=20).click_and_hold(chip).move_by_offset(8, 8)
+        chain.move_to_element(slot).release().perform()
         self.wait_for(lambda: letter in [c.text for c in self.find_all(f'#strip .slot[data-rank="{rank}"] .chip')])
 
     def ranks(self) -> list[int]:
@@ -385,7 +405,12 @@ def test_rank_with_a_tie_by_drag_and_by_keyboard_then_reload_resume_undo(cli, tm
     samples = _samples(n=3)
     tasks = _tasks(samples)
     # texts that make the ranked page read sensibly in the README's screenshot (ids, hence orders, unchanged)
-    texts = ["Canberra.", "Canberra, since 1913.", "It is Canberra, not Sydney.", "Sydney is the capital of Australia and its largest"]
+    texts = [
+        "Canberra.",
+        "Canberra, since 1913.",
+        "It is Canberra, not Sydney.",
+        "Sydney is the capital of Australia and its largest",
+    ]
     shown = {cid: i for i, cid in enumerate(blind_order(0, "alice", tasks[0]))}
     for c in samples[0]["completions"]:
         c["text"], c["finish_reason"] = texts[shown[c["id"]]], "length" if shown[c["id"]] == 3 else "stop"
@@ -396,7 +421,9 @@ def test_rank_with_a_tie_by_drag_and_by_keyboard_then_reload_resume_undo(cli, tm
     server = start(samples_path, out, "--guidelines", str(guide))
     page = Page(browser)
     page.open(server.url + "?annotator=alice")
-    assert page.progress() == "0 / 3" and "What is the capital of Australia?" in page.prompt() and "SYSTEM" in page.prompt().upper()
+    assert (
+        page.progress() == "0 / 3" and "What is the capital of Australia?" in page.prompt() and "SYSTEM" in page.prompt().upper()
+    )
     assert page.find(".guide-text strong").text == "Correct" and len(page.find_all("#completions .card")) == 4
 
     # 1. by drag: A best, B and C tied second, D third

@@ -11,6 +11,7 @@ from rlhfkit.losses import (
     AdaptiveKLController,
     FixedKLController,
     bradley_terry_loss,
+    conservative_score,
     entropy_from_logits,
     expand_ranking,
     gae,
@@ -203,6 +204,14 @@ def test_bradley_terry_weighted_is_a_weighted_mean():
     close(loss, bradley_terry_loss(t([0.5, 0.5, 2.0]), t([0.0, 0.0, 0.0]))[0])
     loss.backward()
     assert chosen.grad[1] == 0
+
+
+def test_conservative_score_is_mean_minus_std():
+    members = t([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]])
+    close(conservative_score(members, 1.0), t([2.0 - math.sqrt(2 / 3), 0.5]))
+    close(conservative_score(members, 1.0)[0], 1.18350, tol=1e-5)
+    close(conservative_score(members, 0.0), t([2.0, 0.5]))  # λ = 0: the mean
+    close(conservative_score(t([[4.0]]), 2.0), t([4.0]))  # one member: no spread
 
 
 def test_expand_ranking():
@@ -449,3 +458,205 @@ def test_nll_sum_worked_example_and_ignored_positions():
     total = nll_sum(torch.zeros(3, 4), torch.tensor([0, 1, 2]))  # uniform over V = 4
     assert total.item() == pytest.approx(3 * math.log(4), abs=1e-6)  # 4.1589
     assert nll_sum(torch.zeros(2, 4), torch.tensor([-100, 3])).item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# beside PPO: A2C, RLOO, GRPO, DPO/IPO, ILQL
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masked_sum_by_hand():
+    from rlhfkit.losses import masked_sum
+
+    close(masked_sum(t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), t([[1, 1, 0], [0, 0, 0]])), [3.0, 0.0])
+
+
+def test_rloo_baseline_for_three_rewards():
+    from rlhfkit.losses import rloo_advantages
+
+    advantages, baselines = rloo_advantages(t([[1.0, 2.0, 6.0]]))
+    close(baselines, [[4.0, 3.5, 1.5]])  # the mean of the other two
+    close(advantages, [[-3.0, -1.5, 4.5]])
+    advantages, _ = rloo_advantages(t([[1.0, 2.0, 6.0], [3.0, 3.0, 3.0]]))  # groups are independent
+    close(advantages[1], [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(t([[1.0]]))
+
+
+def test_group_advantages_by_hand():
+    from rlhfkit.losses import group_advantages
+
+    # mean 3, unbiased std √((4 + 1 + 9) / 2) = √7
+    close(group_advantages(t([[1.0, 2.0, 6.0]]), eps=0.0), [[-2 / math.sqrt(7), -1 / math.sqrt(7), 3 / math.sqrt(7)]])
+    close(group_advantages(t([[1.0, 2.0, 6.0]]), eps=0.0), [[-0.75593, -0.37796, 1.13389]], tol=1e-5)
+    assert torch.equal(group_advantages(t([[5.0, 5.0]])), torch.zeros(1, 2))  # equal rewards: 0, not nan
+    close(group_advantages(t([[0.0, 2.0]])), [[-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)]])
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(t([[1.0]]))
+
+
+def test_policy_gradient_loss_by_hand_and_equals_the_surrogate_gradient_at_ratio_one():
+    from rlhfkit.losses import policy_gradient_loss
+
+    loss, stats = policy_gradient_loss(t([[-1.0, -2.0]]), t([[2.0, 1.0]]), t([[1, 1]]), old_logprobs=t([[-1.0, -2.0]]))
+    close(loss, 2.0)
+    close(stats["approxkl"], 0.0)
+    close(stats["ratio_mean"], 1.0)
+    assert "clipfrac" not in stats
+    # A2C's single step: π_θ = π_old, so its gradient is PPO's clipped surrogate's at ρ = 1
+    g = torch.Generator().manual_seed(0)
+    logprobs = (torch.randn(3, 4, generator=g) - 2).requires_grad_()
+    advantages, mask = torch.randn(3, 4, generator=g), t([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    (pg_grad,) = torch.autograd.grad(policy_gradient_loss(logprobs, advantages, mask)[0], logprobs)
+    (ppo_grad,) = torch.autograd.grad(ppo_policy_loss(logprobs, logprobs.detach(), advantages, mask)[0], logprobs)
+    close(pg_grad, ppo_grad)
+
+
+def test_unclipped_value_loss_by_hand():
+    from rlhfkit.losses import value_loss
+
+    loss, stats = value_loss(t([[1.5, 1.1]]), t([[2.0, 2.0]]), t([[1, 1]]))
+    close(loss, 0.265)  # ½·(0.25 + 0.81)/2: no clipping, unlike ppo_value_loss's 0.3625 here
+    close(stats["value_mean"], 1.3)
+
+
+def test_grpo_policy_loss_by_hand():
+    from rlhfkit.losses import grpo_policy_loss
+
+    logprobs = t([[math.log(1.5)]])
+    loss, stats = grpo_policy_loss(logprobs, t([[0.0]]), logprobs - 0.5, t([[1.0]]), t([[1.0]]), cliprange=0.2, kl_coef=0.1)
+    k3 = math.exp(-0.5) - 1 + 0.5
+    close(stats["kl"], k3)
+    close(loss, -1.2 + 0.1 * k3)
+    close(loss, -1.1893469, tol=1e-6)
+    # the KL term's gradient pulls log π towards the reference: d/dlogπ β·k3 = β(1 − e^{ref − logπ}) > 0 here
+    x = torch.zeros(1, 1, requires_grad=True)
+    kl_only, _ = grpo_policy_loss(x, x.detach(), t([[-0.5]]), t([[0.0]]), t([[1.0]]), kl_coef=0.1)
+    kl_only.backward()
+    close(x.grad, [[0.1 * (1 - math.exp(-0.5))]])
+
+
+def test_dpo_loss_by_hand():
+    from rlhfkit.losses import dpo_loss
+
+    args = (t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]))  # h = (−1 + 2) − (−3 + 2) = 2
+    loss, stats = dpo_loss(*args, beta=0.1)
+    close(loss, math.log(1 + math.exp(-0.2)))
+    close(loss, 0.598139, tol=1e-6)
+    close(stats["rewards_chosen"], 0.1)
+    close(stats["rewards_rejected"], -0.1)
+    close(stats["margin"], 0.2)
+    close(stats["accuracy"], 1.0)
+    close(dpo_loss(*args, beta=0.1, loss_type="ipo")[0], 9.0)  # (2 − 1/(2·0.1))²
+    close(dpo_loss(*args, beta=0.25, loss_type="ipo")[0], 0.0)  # h already at the target 1/(2β) = 2
+    # policy = reference: h = 0, the loss is log 2 and the implicit rewards are 0
+    zero, stats = dpo_loss(t([-1.0, -5.0]), t([-2.0, -1.0]), t([-1.0, -5.0]), t([-2.0, -1.0]))
+    close(zero, math.log(2))
+    close(stats["accuracy"], 0.0)  # equal implicit rewards: not counted as right
+    with pytest.raises(ValueError, match="sigmoid or ipo"):
+        dpo_loss(*args, loss_type="hinge")
+
+
+def test_dpo_gradient_raises_the_chosen_and_lowers_the_rejected():
+    from rlhfkit.losses import dpo_loss
+
+    chosen, rejected = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    for loss_type in ("sigmoid", "ipo"):
+        chosen.grad = rejected.grad = None
+        dpo_loss(chosen, rejected, t([-2.0]), t([-2.0]), beta=0.1, loss_type=loss_type)[0].backward()
+        assert chosen.grad < 0 < rejected.grad, loss_type  # descending the loss raises log π(y_w)
+        close(chosen.grad, -rejected.grad)
+    close(chosen.grad, [2 * (0 - 5.0)])  # ipo at h = 0: d/dh (h − 5)² = −10, and dh/dchosen = 1
+
+
+def test_expectile_loss_at_tau_0_7():
+    from rlhfkit.losses import expectile_loss
+
+    close(expectile_loss(t([[1.0]]), t([[1]]), tau=0.7), 0.7)
+    close(expectile_loss(t([[-1.0]]), t([[1]]), tau=0.7), 0.3)
+    close(expectile_loss(t([[2.0]]), t([[1]]), tau=0.7), 2.8)
+    close(expectile_loss(t([[1.0, -1.0, 100.0]]), t([[1, 1, 0]]), tau=0.7), 0.5)  # the masked 100 counts for nothing
+    close(expectile_loss(t([[1.0, -3.0]]), t([[1, 1]]), tau=0.5), 0.5 * (1 + 9) / 2)  # τ = ½: half the squared error
+    # the minimiser over a constant V is the τ-expectile: for targets {0, 1} at τ = 0.7, v = 0.7
+    v = torch.tensor(0.2, requires_grad=True)
+    optimizer = torch.optim.SGD([v], lr=0.5)
+    for _ in range(200):
+        optimizer.zero_grad()
+        expectile_loss(t([[0.0, 1.0]]) - v, t([[1, 1]]), tau=0.7).backward()
+        optimizer.step()
+    close(v.detach(), 0.7, tol=1e-4)
+
+
+def test_ilql_loss_by_hand():
+    from rlhfkit.losses import ilql_loss
+
+    q_values = t([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])  # the third position is padding
+    loss, stats = ilql_loss(
+        q_values, target_q=t([[1.0, 2.0, 5.0]]), values=t([[0.5, 1.0, 7.0]]), actions=t([[0, 1, 1]]),
+        rewards=t([[0.0, 1.0, 3.0]]), mask=t([[1, 1, 0]]), gamma=1.0, tau=0.7, cql_coef=1.0,
+    )  # fmt: skip
+    close(stats["loss_q"], 0.5)  # targets [0 + V_1, 1 + 0] = [1, 1] against Q(s, a) = [1, 2]
+    close(stats["loss_v"], 0.7 * (0.25 + 1.0) / 2)  # u = Q̂ − V = [0.5, 1]
+    close(stats["loss_cql"], (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-2))) / 2)
+    close(loss, 0.5 + 0.4375 + 0.220095, tol=1e-5)
+    close(stats["advantage_mean"], 0.75)
+    # γ discounts the bootstrapped value; the behaviour-cloning term adds bc·mean(−log π)
+    discounted, _ = ilql_loss(q_values, t([[1.0, 2.0, 5.0]]), t([[0.5, 1.0, 7.0]]), t([[0, 1, 1]]), t([[0.0, 1.0, 3.0]]),
+                              t([[1, 1, 0]]), gamma=0.5, tau=0.7, cql_coef=0.0, logprobs=t([[-1.0, -3.0, -50.0]]), bc_coef=2.0)  # fmt: skip
+    close(discounted, ((1 - 0.5) ** 2 + 1.0) / 2 + 0.4375 + 2.0 * 2.0)
+
+
+def test_advantage_shifted_logits_by_hand():
+    from rlhfkit.losses import advantage_shifted_logits
+
+    shifted = advantage_shifted_logits(t([[0.0, 0.0]]), t([[1.0, 0.0]]), t([0.5]), beta=2.0)
+    close(shifted, [[math.log(0.5) + 1.0, math.log(0.5) - 1.0]])
+    close(shifted.softmax(-1), [[0.880797, 0.119203]], tol=1e-6)
+    logits = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    close(advantage_shifted_logits(logits, torch.randn(2, 5), torch.randn(2, 1), beta=0.0).softmax(-1), logits.softmax(-1))
+
+
+def test_new_losses_give_masked_positions_exactly_zero_gradient():
+    from rlhfkit.losses import (
+        dpo_loss,
+        expectile_loss,
+        grpo_policy_loss,
+        ilql_loss,
+        masked_sum,
+        policy_gradient_loss,
+        value_loss,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    mask = t([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]).float()
+    masked = mask == 0
+
+    def leaf(garbage=float("nan"), *shape):
+        x = torch.randn(2, 5, *shape, generator=g) - 1
+        x[masked] = garbage
+        return x.requires_grad_()
+
+    a, b, c, q = leaf(), leaf(1e4), leaf(float("inf")), leaf(float("nan"), 7)
+    actions = torch.randint(0, 7, (2, 5), generator=g)
+    actions[masked] = 10_000  # out of range at padding: must not be gathered
+    losses = {
+        "policy_gradient_loss": lambda: policy_gradient_loss(a, c, mask, old_logprobs=b)[0],
+        "value_loss": lambda: value_loss(a, c, mask)[0],
+        "grpo_policy_loss": lambda: grpo_policy_loss(a, b, b, c, mask, kl_coef=0.1)[0],
+        "dpo_loss": lambda: dpo_loss(masked_sum(a, mask), masked_sum(b, mask), masked_sum(c, mask), masked_sum(b, mask))[0],
+        "dpo_loss_ipo": lambda: dpo_loss(masked_sum(a, mask), masked_sum(b, mask), masked_sum(c, mask), masked_sum(b, mask), loss_type="ipo")[0],
+        "expectile_loss": lambda: expectile_loss(a - b, mask, 0.7),
+        "ilql_loss": lambda: ilql_loss(q, b, a, actions, c, mask, cql_coef=0.1, logprobs=a, bc_coef=1.0)[0],
+    }
+    for name, loss_fn in losses.items():
+        for x in (a, b, c, q):
+            x.grad = None
+        loss = loss_fn()
+        assert torch.isfinite(loss), name
+        loss.backward()
+        for x in (a, b, c, q):
+            if x.grad is not None:
+                assert torch.isfinite(x.grad).all(), name
+                assert torch.equal(x.grad[masked], torch.zeros_like(x.grad[masked])), name
+        assert a.grad is not None and a.grad[~masked].abs().sum() > 0, name
+    assert q.grad[~masked].abs().sum() > 0  # ilql: Q itself learns

@@ -84,12 +84,21 @@ def test_reward_model_card_example_gives_rlhfkits_normalised_score(tiny_llama_di
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "rm"
-    train_rm.run(TrainRMConfig(model=str(tiny_llama_dir), data=str(data), out=str(out), device="cpu", lr=3e-3, batch_size=8, val_fraction=0.25))
+    train_rm.run(
+        TrainRMConfig(
+            model=str(tiny_llama_dir), data=str(data), out=str(out), device="cpu", lr=3e-3, batch_size=8, val_fraction=0.25
+        )
+    )
     info = json.loads((out / "rlhfkit.json").read_text())
     card = ModelCard.load(out / "README.md")
-    assert card.data.pipeline_tag == "text-classification" and card.data.tags == ["rlhfkit", "rlhf", "reward-model", "reward-modeling"]
+    assert card.data.pipeline_tag == "text-classification"
+    assert card.data.tags == ["rlhfkit", "rlhf", "reward-model", "reward-modeling"]
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert results == {"accuracy": info["metrics"]["rm/accuracy"], "loss": info["metrics"]["loss/eval"], "margin": info["metrics"]["rm/margin"]}
+    assert results == {
+        "accuracy": info["metrics"]["rm/accuracy"],
+        "loss": info["metrics"]["loss/eval"],
+        "margin": info["metrics"]["rm/margin"],
+    }
     assert f"| gain | {info['reward']['gain']:.6g} |" in card.text and "| data | " in card.text and "training pairs" in card.text
 
     # the card's example: prompt + " Paris." + EOS with plain transformers, normalised with the card's gain and bias
@@ -111,7 +120,10 @@ def test_front_matter_from_hub_inputs_and_inherited_base_model(tmp_path):
     info = {
         "stage": "ppo",
         "config": {"lora": True},
-        "inputs": {"policy": [{"path": str(parent), "sha256": "ab" * 32}], "prompts": [{"path": "org/prompts:train", "sha256": None}]},
+        "inputs": {
+            "policy": [{"path": str(parent), "sha256": "ab" * 32}],
+            "prompts": [{"path": "org/prompts:train", "sha256": None}],
+        },
         "metrics": {"objective/score": 0.125, "objective/kl": 1.5, "loss/policy": float("nan")},
         "ppo": {"steps": 3, "kl_coef": 0.05, "reward": {"spec": "rm", "gain": 2.0, "bias": -1.0}},
         "argv": ["/x/bin/rlhfkit", "ppo", "--policy", str(parent), "--lora"],
@@ -124,7 +136,10 @@ def test_front_matter_from_hub_inputs_and_inherited_base_model(tmp_path):
     data = card.data
     assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and data.license == "apache-2.0"
     assert data.datasets == ["org/prompts"] and data.tags == ["rlhfkit", "rlhf", "ppo", "lora"]
-    assert [(r.metric_type, r.metric_value, r.dataset_type) for r in data.eval_results] == [("reward", 0.125, "org/prompts"), ("kl", 1.5, "org/prompts")]
+    assert [(r.metric_type, r.metric_value, r.dataset_type) for r in data.eval_results] == [
+        ("reward", 0.125, "org/prompts"),
+        ("kl", 1.5, "org/prompts"),
+    ]
     assert "rlhfkit ppo --policy" in card.text and "| final β (KL coefficient) | 0.05 |" in card.text
     # a hub id and a hub cache snapshot name their hub model
     assert modelcard.hub_origin({"path": "HuggingFaceTB/SmolLM2-135M", "sha256": None}) == "HuggingFaceTB/SmolLM2-135M"

@@ -106,7 +106,7 @@ def test_save_replaces_an_existing_directory(tmp_path, tiny_llama, tokenizer):
 def test_chat_rendering_and_encoding(tokenizer):
     msgs = [{"role": "user", "content": "hi"}]
     assert render_prompt(tokenizer, msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert render_prompt(tokenizer, "plain text") == "plain text"
+    assert render_prompt(tokenizer, "plain text", "never") == "plain text"  # auto: test_chat_template.py
     ids = encode_prompt(tokenizer, msgs)
     # the pad/EOS id occurs inside the prompt: masks must come from lengths, never from pad ids
     assert tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.eos_token_id in ids
@@ -120,3 +120,16 @@ def test_gpt2_without_chat_template_gets_chatml(tiny_gpt2_dir):
     tokenizer = models.load_tokenizer(str(tiny_gpt2_dir))
     tokenizer.chat_template = None
     assert render_prompt(tokenizer, [{"role": "user", "content": "x"}]).endswith("<|im_start|>assistant\n")
+
+
+def test_disable_dropout_also_zeroes_functional_attention_dropout(tiny_llama):
+    """Llama applies attention dropout from a float attribute in training mode (the tiny model has
+    0.1 on purpose): after disable_dropout two forwards in training mode agree exactly."""
+    from rlhfkit.models import disable_dropout
+
+    ids = torch.arange(3, 19).reshape(2, 8)
+    tiny_llama.train()
+    assert not torch.equal(tiny_llama(ids).logits, tiny_llama(ids).logits)  # dropout on
+    disable_dropout(tiny_llama)
+    assert torch.equal(tiny_llama(ids).logits, tiny_llama(ids).logits)
+    assert tiny_llama.config.attention_dropout == 0.0

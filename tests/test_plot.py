@@ -9,9 +9,9 @@ from pathlib import Path
 from rlhfkit import plot
 
 PPO_ROWS = [
-    {"step": s, "objective/score": 0.1 * s, "objective/kl": 0.02 * s, "objective/kl_coef": 0.05 + 0.001 * s, "objective/entropy": 60.0 - s,
-     "policy/clipfrac": 0.01 * s, "val/clipfrac": 0.0, "loss/policy": -0.01, "loss/value": 0.2 / s, "lr": 1e-5 * (5 - s),
-     "perf/tokens_per_s": 3000.0 + s, "note": "text is not plotted"}
+    {"step": s, "objective/score": 0.1 * s, "objective/kl": 0.02 * s, "objective/kl_coef": 0.05 + 0.001 * s,
+     "objective/entropy": 60.0 - s, "policy/clipfrac": 0.01 * s, "val/clipfrac": 0.0, "loss/policy": -0.01,
+     "loss/value": 0.2 / s, "lr": 1e-5 * (5 - s), "perf/tokens_per_s": 3000.0 + s, "note": "text is not plotted"}
     for s in range(1, 5)
 ]  # fmt: skip
 
@@ -27,7 +27,15 @@ def write_run(path: Path, rows: list[dict], stage: str | None = None) -> Path:
 def test_ppo_panels_hold_the_metrics_with_words_on_the_axes(tmp_path):
     run = plot.load_run(write_run(tmp_path / "ppo", PPO_ROWS, stage="ppo"))
     fig = plot.figure([run])
-    assert fig.panels == ["Loss", "Reward", "KL to the reference and β", "Entropy", "Clip fractions", "Learning rate", "Throughput"]
+    assert fig.panels == [
+        "Loss",
+        "Reward",
+        "KL to the reference and β",
+        "Entropy",
+        "Clip fractions",
+        "Learning rate",
+        "Throughput",
+    ]
     axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     kl = axes["KL to the reference and β"]
     assert kl.get_xlabel() == "PPO step (one rollout batch and its updates)" and kl.get_ylabel() == "KL (nats per response)"
@@ -45,12 +53,17 @@ def test_cli_overlays_runs_and_names_them_apart(cli, tmp_path):
         {"step": s, "loss/train": 6.0 - s, "train/lr": 1e-3, "perf/tokens_per_s": 1e4} for s in range(1, 4)
     ] + [{"step": 3, "loss/eval": 3.5, "eval/perplexity": 33.0}]  # fmt: skip
     a = write_run(tmp_path / "a" / "sft", sft_rows, stage="sft")
-    b = write_run(tmp_path / "b" / "sft", [{**r, "loss/train": r["loss/train"] + 1} if "loss/train" in r else r for r in sft_rows], stage="sft")
+    b = write_run(
+        tmp_path / "b" / "sft",
+        [{**r, "loss/train": r["loss/train"] + 1} if "loss/train" in r else r for r in sft_rows],
+        stage="sft",
+    )
     out = tmp_path / "plots"
     result = cli("plot", a, b, "--out", out)
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary == {"out": str(out / "curves.png"), "runs": ["a/sft", "b/sft"], "panels": ["Loss", "Held-out perplexity", "Learning rate", "Throughput"],
+    assert summary == {"out": str(out / "curves.png"), "runs": ["a/sft", "b/sft"],
+                       "panels": ["Loss", "Held-out perplexity", "Learning rate", "Throughput"],
                        "points": {"a/sft": 5, "b/sft": 5}}  # fmt: skip
     import matplotlib.image
 
@@ -58,7 +71,12 @@ def test_cli_overlays_runs_and_names_them_apart(cli, tmp_path):
     fig = plot.figure([plot.load_run(a, "a/sft"), plot.load_run(b, "b/sft")])
     loss = fig.axes[0]
     assert loss.get_xlabel() == "optimizer step" and loss.get_ylabel() == "loss"
-    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["a/sft: training loss", "a/sft: held-out loss", "b/sft: training loss", "b/sft: held-out loss"]
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [
+        "a/sft: training loss",
+        "a/sft: held-out loss",
+        "b/sft: training loss",
+        "b/sft: held-out loss",
+    ]
     lines = {(line.get_color(), line.get_linestyle()) for line in loss.get_lines()}
     assert lines == {("C0", "-"), ("C0", "--"), ("C1", "-"), ("C1", "--")}  # colour = run, line style = series
 
@@ -66,7 +84,10 @@ def test_cli_overlays_runs_and_names_them_apart(cli, tmp_path):
 def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
     out = tmp_path / "plots"
     result = cli("plot", tmp_path / "missing", "--out", out)
-    assert result.exit_code == 1 and result.stderr.strip() == f"error: {tmp_path / 'missing'}: no metrics.jsonl (not a training run directory)"
+    assert (
+        result.exit_code == 1
+        and result.stderr.strip() == f"error: {tmp_path / 'missing'}: no metrics.jsonl (not a training run directory)"
+    )
     bad = write_run(tmp_path / "bad", PPO_ROWS[:1])
     with open(bad / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "loss/policy": \n')
@@ -80,6 +101,10 @@ def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
 
 def test_write_curves_is_quiet_without_metrics(tmp_path):
     assert plot.write_curves(tmp_path, tmp_path / "curves.png") is None and not (tmp_path / "curves.png").exists()
-    run = write_run(tmp_path / "rm", [{"step": 1, "loss/train": 0.7, "rm/train_accuracy": 0.5}, {"step": 2, "rm/accuracy": 0.75}], stage="train-rm")
+    run = write_run(
+        tmp_path / "rm",
+        [{"step": 1, "loss/train": 0.7, "rm/train_accuracy": 0.5}, {"step": 2, "rm/accuracy": 0.75}],
+        stage="train-rm",
+    )
     assert plot.write_curves(run, run / "curves.png") == run / "curves.png"
     assert plot.figure([plot.load_run(run)]).panels == ["Loss", "Reward-model accuracy"]

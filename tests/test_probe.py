@@ -25,10 +25,15 @@ def test_objective_by_hand():
     p = pairs_of([[1.0], [0.0]], [(0, 1)])
     x = p.features.double()
     close = lambda a, b: abs(float(a) - b) < 1e-9  # noqa: E731
-    assert close(probe_objective(torch.tensor([1.0], dtype=torch.float64), x, p, torch.ones(1, dtype=torch.float64), 0.0), math.log(1 + math.exp(-1)))
+    assert close(
+        probe_objective(torch.tensor([1.0], dtype=torch.float64), x, p, torch.ones(1, dtype=torch.float64), 0.0),
+        math.log(1 + math.exp(-1)),
+    )
     # v = (1, 2), x = [[1, 0], [0, 0]]: the score difference is 1 again, plus ½·λ·‖v‖² = ½·2·5 = 5
     p2 = pairs_of([[1.0, 0.0], [0.0, 0.0]], [(0, 1)])
-    value = probe_objective(torch.tensor([1.0, 2.0], dtype=torch.float64), p2.features.double(), p2, torch.ones(1, dtype=torch.float64), 2.0)
+    value = probe_objective(
+        torch.tensor([1.0, 2.0], dtype=torch.float64), p2.features.double(), p2, torch.ones(1, dtype=torch.float64), 2.0
+    )
     assert close(value, math.log(1 + math.exp(-1)) + 5.0)
 
 

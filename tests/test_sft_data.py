@@ -49,7 +49,8 @@ def test_text_trains_every_token_and_an_appended_eos(tokenizer):
 
 
 def test_prompt_response_trains_the_response_and_its_eos_only(tokenizer):
-    assert tokens(tokenizer, *encode_prompt_response(tokenizer, "Name a color.", "red")) == [
+    # the raw prompt (--chat-template never); auto renders it as a user turn (test_chat_template.py)
+    assert tokens(tokenizer, *encode_prompt_response(tokenizer, "Name a color.", "red", "never")) == [
         ("N", F), ("ame", F), (" a", F), (" c", F), ("ol", F), ("or", F), (".", F),
         ("re", T), ("d", T), ("<|im_end|>", T),
     ]  # fmt: skip

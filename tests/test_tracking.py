@@ -39,7 +39,9 @@ def merged_by_step(rows: list[dict]) -> dict[int, dict[str, float]]:
     """Lines of the same step merged (W&B keeps one history row per step)."""
     merged: dict[int, dict[str, float]] = {}
     for row in rows:
-        merged.setdefault(row["step"], {}).update({k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+        merged.setdefault(row["step"], {}).update(
+            {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        )
     return merged
 
 
@@ -126,7 +128,9 @@ def test_wandb_offline_run_holds_the_same_history(tracked_sft):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
-            history[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_") and k != "curves" and not k.startswith("curves/")}
+            history[record.history.step.num] = {
+                k: v for k, v in items.items() if not k.startswith("_") and k != "curves" and not k.startswith("curves/")
+            }
         elif kind == "run":
             config = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.run.config.update}
             assert record.run.project == "rlhfkit" and record.run.display_name == "sft"
@@ -193,7 +197,9 @@ def test_sample_rows_become_tables_at_their_steps(tmp_path, monkeypatch):
             with open(samples, "a") as f:
                 for i in range(2):
                     prompt = [{"role": "user", "content": f"q{step}{i} | pipe"}]
-                    f.write(json.dumps({"step": step, "prompt": prompt, "response": f"r{step}{i}", "score": step + i / 10}) + "\n")
+                    f.write(
+                        json.dumps({"step": step, "prompt": prompt, "response": f"r{step}{i}", "score": step + i / 10}) + "\n"
+                    )
     log.close()
 
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
@@ -228,7 +234,11 @@ def test_resume_continues_the_tensorboard_run_from_the_checkpoint(tmp_path):
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     points = [(e.step, e.value) for e in acc.Scalars("loss/train")]
-    assert points == [(r["step"], r["loss/train"]) for r in read_metrics(run)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+    assert (
+        points
+        == [(r["step"], r["loss/train"]) for r in read_metrics(run)]
+        == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+    )
 
 
 def test_report_to_values_and_missing_extras(monkeypatch):
@@ -277,11 +287,20 @@ def test_eval_report_goes_to_the_trackers(tmp_path):
 
     from rlhfkit.config import EvalConfig
 
-    stats = {"score": {"mean": 0.5, "std": 1.0}, "kl": {"mean": 0.2, "std": 0.1}, "length": {"mean": 9.0, "std": 2.0}, "stopped": 0.75, "perplexity": None}
+    stats = {
+        "score": {"mean": 0.5, "std": 1.0},
+        "kl": {"mean": 0.2, "std": 0.1},
+        "length": {"mean": 9.0, "std": 2.0},
+        "stopped": 0.75,
+        "perplexity": None,
+    }
     result = {
         "baseline": {"name": "sft", **stats},
         "policies": [{"name": "ppo", **stats, "win_rate": {"rm": {"rate": 0.625, "ci_low": 0.5, "ci_high": 0.75}}}],
-        "checkpoints": [{"step": 20, "name": "step-20", **stats}, {"step": 10, "name": "step-10", **stats, "score": {"mean": 0.25, "std": 1.0}}],
+        "checkpoints": [
+            {"step": 20, "name": "step-20", **stats},
+            {"step": 10, "name": "step-10", **stats, "score": {"mean": 0.25, "std": 1.0}},
+        ],
         "elo": {"rm": {"ratings": {"ppo": {"rating": 1040.0}, "sft": {"rating": 1000.0}}}},
     }
     config = EvalConfig(policy=["x"], baseline="y", prompts="p.jsonl", out=str(tmp_path), report_to="tensorboard")

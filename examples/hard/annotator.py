@@ -143,6 +143,14 @@ def rubric(question: str, text: str, finish_reason: str) -> float:
     return round(sum(aspects(question, text, finish_reason).values()) / ROUND_TO) * ROUND_TO
 
 
+def reward(prompts: list, completions: list[str]) -> list[float]:
+    """The rubric as a scripted reward for ``ppo --rm python:examples/hard/annotator.py:reward`` (a
+    gold-reward check of what PPO can move). A scripted reward sees texts only, not whether they
+    stopped, so it scores every answer as if it had ended; give cut-off answers their score with
+    ``ppo --missing-eos-penalty``. Unrounded, so that small improvements count."""
+    return [sum(aspects(prompt_text(p), c, "stop").values()) for p, c in zip(prompts, completions)]
+
+
 def rank(sample: dict) -> list:
     """Best first; completions with the same rounded score form a tie (an inner list)."""
     question = prompt_text(sample["prompt"])

@@ -12,10 +12,12 @@ Below every other module but ``errors``: it imports nothing from rlhfkit besides
 
 from __future__ import annotations
 
+import math
+import os
 import shlex
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -31,7 +33,14 @@ KLEstimator = Literal["k1", "k2", "k3"]  # Schulman's estimators of KL(π‖π_r
 Interval = Literal["wilson", "bootstrap"]  # eval's win-rate interval
 RankingsFormat = Literal["auto", "native", "scores", "best-of-k", "pairwise", "label-studio", "argilla", "csv"]
 Aggregate = Literal["none", "majority"]  # rank-import: every annotator's pairs, or one by vote
+HeadInit = Literal["probe", "random"]  # train-rm's score head: fitted on frozen features first (LP-FT), or random
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]  # --report-to: experiment trackers (rlhfkit.tracking)
+Algo = Literal["ppo", "a2c", "rloo", "grpo"]  # rlhfkit ppo --algo: the advantage estimator and the loss
+DPOLoss = Literal["sigmoid", "ipo"]  # rlhfkit dpo --loss: DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023)
+ChatTemplate = Literal["auto", "always", "never"]  # string prompts as user turns: when the model has a template, always, never
+
+GROUP_ALGOS = ("rloo", "grpo")  # the --algo choices that sample K responses per prompt and learn no critic
+DEFAULT_GROUP_SIZE = 4  # their K when --k is not given
 
 SCRIPT_PREFIX = "python:"  # a reward given as python:MODULE:FUNCTION
 
@@ -118,6 +127,61 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
+# --- output paths ----------------------------------------------------------------------------------
+
+Output = tuple[str, str, str]  # (option, path, kind): kind "file", or "run" (a directory the run replaces as a whole)
+
+
+def check_outputs(outputs: Sequence[Output], inputs: Sequence[tuple[str, str]] = ()) -> None:
+    """Refuse, before any work, outputs that would be lost or would destroy an input (one home for
+    every command's outputs):
+
+    * an output given twice (``--val-out`` = ``--out``), or equal to an input (``--out`` = ``--prompts``);
+    * an input inside a ``run`` output (training's ``--out``: the final save replaces it);
+    * an output that cannot be written: a parent that is a file, a directory where a file is meant
+      (or the reverse), a directory that refuses a new entry (read-only, a pseudo-filesystem such
+      as ``/proc``) — found by creating and removing an empty directory where the output will go.
+
+    ``-`` (stdout/stdin) and ``""`` (not given) are skipped.
+    """
+    seen: dict[str, str] = {}
+    given = [(option, path, kind) for option, path, kind in outputs if path and path != "-"]
+    sources = [(option, os.path.realpath(os.path.expanduser(path))) for option, path in inputs if path and path != "-"]
+    for option, path, kind in given:
+        real = os.path.realpath(os.path.expanduser(path))
+        if real in seen:
+            raise ConfigError(f"{option} {path}: the same path as {seen[real]}; give each output its own path")
+        seen[real] = option
+        for source_option, source in sources:
+            if source == real:
+                raise ConfigError(f"{option} {path}: the same path as the input {source_option}; choose another output")
+            if kind == "run" and source.startswith(real.rstrip(os.sep) + os.sep):
+                raise ConfigError(f"{source_option} {source} is inside {option} {path}, which the run replaces; move it out")
+        _check_writable(option, path, kind)
+
+
+def _check_writable(option: str, path: str, kind: str) -> None:
+    import tempfile
+
+    target = Path(path).expanduser()
+    if kind == "file" and target.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory (expected a file name)")
+    if kind == "run" and target.exists() and not target.is_dir():
+        raise ConfigError(f"{option} {path}: exists and is not a directory")
+    # where something gets created: a file's directory; a run's directory, and beside it (its final save)
+    places = [target.parent] if kind == "file" else [target.parent, target]
+    for place in places:
+        existing = place
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{option} {path}: {existing} is a file, not a directory")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".rlhfkit-write-test-", dir=existing))
+        except OSError as e:
+            raise ConfigError(f"{option} {path}: cannot create anything in {existing} ({e.strerror or e})") from None
+
+
 # --- the checks every config shares ------------------------------------------------------------------
 
 
@@ -134,18 +198,29 @@ class Checks:
             if not getattr(self, name):
                 raise ConfigError(f"{flag(name)} is required")
 
+    def finite(self, *names: str) -> None:
+        """A number, not ``nan`` or ``inf`` (None, an option that is off, passes). Every range check
+        below starts with it; `CommonConfig.check` applies it to every number of every config."""
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{flag(name)}: must be a finite number, got {value}")
+
     def at_least(self, low: int, *names: str) -> None:
+        self.finite(*names)
         for name in names:
             if getattr(self, name) < low:
                 raise ConfigError(f"{flag(name)}: must be at least {low}, got {getattr(self, name)}")
 
     def non_negative(self, *names: str) -> None:
+        self.finite(*names)
         for name in names:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{flag(name)}: must be >= 0, got {getattr(self, name)}")
 
     def positive(self, *names: str, optional: bool = False) -> None:
         """> 0; with ``optional``, None (off) passes too."""
+        self.finite(*names)
         for name in names:
             value = getattr(self, name)
             if not (optional and value is None) and not value > 0:
@@ -153,6 +228,7 @@ class Checks:
 
     def fraction(self, *names: str) -> None:
         """In [0, 1): a share held out."""
+        self.finite(*names)
         for name in names:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)}: must be in [0, 1), got {getattr(self, name)}")
@@ -180,7 +256,12 @@ class CommonConfig(Checks):
     skip_invalid: bool = False
 
     def check(self) -> None:
-        """Every option checked before anything is loaded (a stage's ``run`` calls this first)."""
+        """Every option checked before anything is loaded (a stage's ``run`` calls this first).
+        Here: every number of every config is finite (no ``nan``, no ``inf``), and the seed is one
+        that every generator takes; each config adds its ranges."""
+        self.finite(*(f.name for f in fields(self)))  # type: ignore[arg-type]
+        if isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed: must be in [0, 2^32), got {self.seed}")
 
 
 @dataclass
@@ -190,11 +271,13 @@ class ModelConfig(CommonConfig):
     device: Device = "auto"
     dtype: DType = "auto"
     trust_remote_code: bool = False
+    chat_template: ChatTemplate = "auto"  # string prompts: one user turn of the model's chat template (auto: if it has one)
 
     def check(self) -> None:
         super().check()
         self.one_of("device", Device)
         self.one_of("dtype", DType)
+        self.one_of("chat_template", ChatTemplate)
 
 
 @dataclass
@@ -217,6 +300,7 @@ class TrainConfig(ModelConfig):
         super().check()
         report_to_names(self.report_to)
         self.at_least(1, "lora_r")
+        self.positive("lora_alpha")
         self.non_negative("save_every", "keep_checkpoints")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora-dropout: must be in [0, 1), got {self.lora_dropout}")
@@ -299,11 +383,19 @@ class TrainRMConfig(TrainConfig):
     val_data: str = ""  # held-out comparisons ("" = split --val-fraction of the prompts off --data)
     val_fraction: float = 0.05  # share of prompts held out when --val-data is not given (0 = none)
     max_length: int = 1024  # pairs whose prompt+completion is longer are dropped (and counted)
-    epochs: int = 1  # reward models overfit after one epoch (InstructGPT, Ouyang et al. 2022)
+    epochs: int | None = None  # None = from the data size: enough epochs for --min-steps optimizer steps
+    min_steps: int = 40  # with --epochs unset: at least this many optimizer steps (small data needs several epochs)
     max_steps: int = 0  # stop after N optimizer steps (0 = run every epoch)
     batch_size: int = 8  # batch elements per micro-batch and device: groups (rankings), or pairs without 'group'
     grad_accum: int = 1
     lr: float = 1e-5
+    head_init: HeadInit = "probe"  # fit the head on frozen features before fine-tuning (Kumar et al. 2022)
+    probe_l2: float | None = None  # the probe's L2 penalty on standardised features (None = chosen by 5-fold CV)
+    head_lr: float | None = None  # the score head's own learning rate (None = --lr)
+    trainable_layers: int = -1  # train only the top N decoder layers (+ final norm and head); 0 = the probe alone; -1 = all
+    ensemble: int = 1  # M heads on one backbone, each on a bootstrap resample of the rankings: uncertainty
+    early_stopping: bool = False  # keep the weights with the lowest held-out loss (evaluated every --eval-every steps)
+    patience: int = 0  # with --early-stopping: stop after N evaluations without improvement (0 = run every step)
     schedule: Schedule = "linear"  # after warmup
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -318,12 +410,30 @@ class TrainRMConfig(TrainConfig):
     def check(self) -> None:
         super().check()
         self.require("model", "data", "out")
-        self.at_least(1, "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        if self.epochs is not None:
+            self.at_least(1, "epochs")
+        self.at_least(1, "batch_size", "grad_accum", "eval_batch_size", "log_every", "ensemble", "min_steps")
         self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm", "center_rewards_coef")
+        self.non_negative("patience")
         self.positive("lr")
+        self.positive("probe_l2", "head_lr", optional=True)
         self.fraction("val_fraction")
         self.at_least(2, "max_length")
         self.one_of("schedule", Schedule)
+        self.one_of("head_init", HeadInit)
+        self.at_least(-1, "trainable_layers")
+        if self.trainable_layers >= 0 and self.lora:
+            raise ConfigError("--trainable-layers: not with --lora (LoRA already chooses what trains)")
+        if self.trainable_layers == 0 and self.head_init != "probe":
+            raise ConfigError("--trainable-layers 0 trains the head alone: use it with --head-init probe")
+        if self.ensemble > 1 and self.use_margin:
+            raise ConfigError("--ensemble: not with --use-margin")
+        if self.patience and not self.early_stopping:
+            raise ConfigError("--patience: needs --early-stopping")
+        if self.early_stopping and not (self.val_data or self.val_fraction > 0):
+            raise ConfigError("--early-stopping: needs a held-out set (--val-data or --val-fraction)")
+        inputs = [("--model", self.model), ("--data", self.data), ("--val-data", self.val_data), ("--norm-samples", self.norm_samples)]
+        check_outputs([("--out", self.out, "run")], inputs)
 
 
 @dataclass
@@ -365,6 +475,7 @@ class SFTConfig(TrainConfig):
         if self.val_data and self.val_fraction > 0:
             raise ConfigError("--val-data and --val-fraction: give one or the other")
         self.one_of("schedule", Schedule)
+        check_outputs([("--out", self.out, "run")], [("--model", self.model), ("--data", self.data), ("--val-data", self.val_data)])
 
 
 @dataclass
@@ -383,18 +494,27 @@ class CollectConfig(ModelConfig):
     batch_size: int = 64  # sequences per generation batch (decoding is memory-bound: wide batches amortise the weights)
     dedup: bool = False  # drop a completion whose text repeats one already kept for the prompt
     max_prompts: int = 0  # 0 = every prompt
+    select: int = 0  # keep only the N prompts whose completions --select-by's members disagree on most (0 = every prompt)
+    select_by: str = ""  # the reward-model ensemble (train-rm --ensemble M) whose disagreement --select uses
 
     def check(self) -> None:
         super().check()
         self.require("policy", "prompts", "out")
         self.at_least(1, "k", "batch_size")
-        self.non_negative("top_k", "max_prompts")
+        self.non_negative("top_k", "max_prompts", "select")
         self.sampling()
+        if bool(self.select) != bool(self.select_by):
+            raise ConfigError("--select and --select-by: give both (N prompts to keep, and the reward ensemble that picks them)")
+        if self.select and self.out == "-":
+            raise ConfigError("--select: needs --out FILE (every prompt's samples are kept beside it, in FILE.pool)")
+        if self.select_by and is_script(self.select_by):
+            raise ConfigError(f"--select-by {self.select_by}: a scripted reward has no members; give a train-rm ensemble")
         if not all(self.stop):
             raise ConfigError("--stop: an empty stop string")
         duplicate = first_duplicate([named_path(spec)[0] for spec in self.policy])
         if duplicate is not None:
             raise ConfigError(f"--policy: the name {duplicate!r} is given twice; name them apart with NAME=PATH")
+        check_outputs([("--out", self.out, "file")], [("--prompts", self.prompts), *(("--policy", named_path(p)[1]) for p in self.policy)])
 
 
 @dataclass
@@ -441,6 +561,9 @@ class PPOConfig(TrainConfig):
     ref: str = ""  # the KL reference when it is not --policy (iterated RLHF: continue from a PPO policy, stay close to SFT)
     rm: str = ""  # reward-model directory, one-label classifier, or python:MODULE:FUNCTION
     prompts: str = ""
+    algo: Algo = "ppo"  # ppo; a2c (one step per batch, no clipping); rloo, grpo (K samples per prompt, no critic)
+    k: int = 0  # rloo/grpo: samples per prompt, rollouts = prompts x K (0 = 4); ppo and a2c sample one per prompt
+    kl_in_reward: bool = False  # grpo: the KL penalty in the reward (as ppo) instead of a k3 loss term
     value_head: ValueHead = "separate"  # separate (a value model) or policy (a linear head on the policy)
     value_model: str = ""  # "" = initialise the value model from --rm (from --policy for a scripted reward)
     steps: int = 100  # PPO steps (rollout + update)
@@ -480,10 +603,29 @@ class PPOConfig(TrainConfig):
     ptx_max_length: int = 512
     sample_every: int = 10  # print and record a few samples every N steps (0 = never)
     num_samples: int = 4  # rows in each sample table
+    judge: str = ""  # judge monitor: a shell command, eval --judge's protocol (samples JSONL in, rankings out); "" = off
+    judge_every: int = 0  # judge the policy against the starting one every N steps, and after the last (0 = after the last only)
+    judge_prompts: str = ""  # the judge's prompts ("" = --prompts); the first --judge-samples distinct ones
+    judge_samples: int = 32  # prompts judged each time (one completion of the policy and one of the start each)
+    judge_timeout: float = 3600.0  # seconds one judge call may take
+    keep_best: bool = True  # with --judge: OUT is the policy with the best win-rate (the starting one if none beat it)
+    conservative_coef: float = 0.0  # λ: score = mean − λ·std over the reward ensemble's members (Coste et al. 2023); 0 = off
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """K: rollouts per prompt (rloo and grpo sample several, to compare them with each other)."""
+        return (self.k or DEFAULT_GROUP_SIZE) if self.algo in GROUP_ALGOS else 1
+
+    @property
+    def has_critic(self) -> bool:
+        """ppo and a2c learn a value function; rloo and grpo take their baseline from the group."""
+        return self.algo not in GROUP_ALGOS
 
     def check(self) -> None:
         super().check()
         self.require("policy", "rm", "prompts", "out")
+        self.check_algo()
+        self.check_judge()
         self.at_least(1, "steps", "batch_size", "grad_accum", "ppo_epochs", "max_new_tokens", "kl_horizon", "num_samples")
         self.non_negative(
             "mini_batch_size",
@@ -518,3 +660,124 @@ class PPOConfig(TrainConfig):
         self.at_least(2, "ptx_max_length")
         if is_script(self.rm):
             parse_script_spec(self.rm)
+        inputs = [("--policy", self.policy), ("--ref", self.ref), ("--prompts", self.prompts), ("--value-model", self.value_model),
+                  ("--ptx-data", self.ptx_data), ("--rm", parse_script_spec(self.rm)[0] if is_script(self.rm) else self.rm)]  # fmt: skip
+        check_outputs([("--out", self.out, "run")], inputs)
+
+    def check_judge(self) -> None:
+        """The judge monitor's options (stages/ppo_judge.py) and the conservative reward's."""
+        self.non_negative("judge_every", "conservative_coef")
+        self.at_least(1, "judge_samples")
+        self.positive("judge_timeout")
+        if self.judge:
+            check_judge_command(self.judge)
+        elif self.judge_every or self.judge_prompts:
+            raise ConfigError(f"{'--judge-every' if self.judge_every else '--judge-prompts'}: needs --judge (the judge command)")
+
+    def check_algo(self) -> None:
+        """The options that only some ``--algo`` take, or that one of them rules out."""
+        self.one_of("algo", Algo)
+        self.non_negative("k")
+        if self.algo in GROUP_ALGOS:
+            if self.k == 1:
+                raise ConfigError(f"--k: {self.algo} needs at least 2 samples per prompt (each one's baseline is the others), got 1")
+            K = self.samples_per_prompt
+            exact_div(self.batch_size, K, f"--batch-size must be a multiple of --k (rollouts = prompts x K, K = {K})")
+            if self.value_model:
+                raise ConfigError(f"--value-model: {self.algo} has no critic")
+        elif self.k > 1:
+            raise ConfigError(f"--k: only with --algo rloo or grpo ({self.algo} samples one response per prompt)")
+        if self.kl_in_reward and self.algo != "grpo":
+            raise ConfigError("--kl-in-reward: only with --algo grpo (ppo, a2c and rloo always put the KL penalty in the reward)")
+        if self.algo == "a2c":
+            if self.mini_batch_size not in (0, self.batch_size):
+                raise ConfigError("--mini-batch-size: a2c takes one gradient step per rollout batch (leave it at 0)")
+            if self.early_stop_kl is not None:
+                raise ConfigError("--early-stop-kl: a2c takes one gradient step per rollout batch; there is nothing to stop")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """``rlhfkit dpo``: direct preference optimisation on comparisons (Rafailov et al. 2023), no
+    reward model and no sampling. Reads the comparisons, ranking groups and validation split that
+    train-rm reads; the frozen reference is the starting policy."""
+
+    policy: str = ""  # the starting policy, usually the SFT model; also the frozen reference
+    data: str = ""  # comparisons (rank-import output or public prompt/chosen/rejected data)
+    val_data: str = ""  # held-out comparisons ("" = split --val-fraction of the prompts off --data, as train-rm)
+    val_fraction: float = 0.05  # share of prompts held out when --val-data is not given (0 = none)
+    max_length: int = 1024  # pairs whose prompt+completion is longer are dropped (and counted)
+    loss: DPOLoss = "sigmoid"  # sigmoid (DPO) or ipo
+    beta: float = 0.1  # β: the implicit reward's scale, i.e. how far from the reference the policy may go
+    epochs: int = 1
+    max_steps: int = 0  # stop after N optimizer steps (0 = run every epoch)
+    batch_size: int = 8  # batch elements per micro-batch and device: groups (rankings), or pairs without 'group'
+    grad_accum: int = 1
+    lr: float = 1e-6  # TRL's default; small models tolerate more
+    schedule: Schedule = "linear"  # after warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    eval_every: int = 0  # held-out evaluation every N optimizer steps (0 = only at the end)
+    eval_batch_size: int = 16
+    log_every: int = 1
+
+    def check(self) -> None:
+        super().check()
+        self.require("policy", "data", "out")
+        self.at_least(1, "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm")
+        self.positive("lr", "beta")
+        self.fraction("val_fraction")
+        self.at_least(2, "max_length")
+        self.one_of("loss", DPOLoss)
+        self.one_of("schedule", Schedule)
+        check_outputs([("--out", self.out, "run")], [("--policy", self.policy), ("--data", self.data), ("--val-data", self.val_data)])
+
+
+@dataclass
+class ILQLConfig(TrainConfig):
+    """``rlhfkit ilql``: implicit language Q-learning (Snell et al. 2022), offline RL from scored
+    samples or comparisons. The saved directory is the policy (a plain causal LM) plus its Q/V heads,
+    which collect and eval use to shift its logits by β·(Q − V)."""
+
+    policy: str = ""  # the starting policy, usually the SFT model: the backbone of the Q and V heads
+    data: str = ""  # comparisons (chosen +1, rejected −1) or samples whose completions carry a 'score' or 'reward'
+    val_data: str = ""  # held-out data of the same kind ("" = split --val-fraction of the prompts off --data)
+    val_fraction: float = 0.05
+    max_length: int = 1024  # longer prompt+completion sequences are dropped (and counted)
+    epochs: int = 1
+    max_steps: int = 0  # stop after N optimizer steps (0 = run every epoch)
+    batch_size: int = 8  # sequences per micro-batch and device
+    grad_accum: int = 1
+    lr: float = 1e-5
+    schedule: Schedule = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    gamma: float = 0.99  # discount of the Q target r + γ·V(s')
+    tau: float = 0.7  # expectile of the value loss (0.5 = mean; nearer 1 = the best action seen)
+    cql_coef: float = 0.1  # α of the conservative (CQL) term
+    bc_coef: float = 1.0  # weight of the behaviour-cloning (language-model) loss that trains π_β
+    polyak: float = 0.05  # the target Q moves this fraction of the way to Q after each optimizer step
+    beta: float = 1.0  # sampling: logits = log π_β + β·(Q − V) (stored with the heads; 0 = π_β)
+    eval_every: int = 0  # held-out evaluation every N optimizer steps (0 = only at the end)
+    eval_batch_size: int = 16
+    log_every: int = 1
+
+    def check(self) -> None:
+        super().check()
+        self.require("policy", "data", "out")
+        self.at_least(1, "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm", "cql_coef", "bc_coef", "beta")
+        self.positive("lr")
+        self.fraction("val_fraction")
+        self.at_least(2, "max_length")
+        self.one_of("schedule", Schedule)
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"--gamma: must be in [0, 1], got {self.gamma}")
+        if not 0 < self.tau < 1:
+            raise ConfigError(f"--tau: must be in (0, 1), got {self.tau}")
+        if not 0 < self.polyak <= 1:
+            raise ConfigError(f"--polyak: must be in (0, 1], got {self.polyak}")
+        check_outputs([("--out", self.out, "run")], [("--policy", self.policy), ("--data", self.data), ("--val-data", self.val_data)])

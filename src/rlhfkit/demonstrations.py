@@ -7,8 +7,9 @@ Which tokens are trained (``labels[t] != -100``), shape by shape:
   learns where a document ends);
 * ``{"prompt": ..., "response": ...}`` — the response tokens and the EOS appended after them; the
   prompt is encoded by `rlhfkit.chat.encode_prompt` (a message list is rendered with the chat
-  template and the generation prompt) and the response by `rlhfkit.chat.encode_completion`, exactly
-  the token sequence that train-rm, ppo and eval score for the same pair;
+  template and the generation prompt, a string one as ``--chat-template`` says) and the response
+  by `rlhfkit.chat.encode_completion`, exactly the token sequence that train-rm, ppo and eval score
+  for the same pair;
 * ``{"messages": [...]}`` — the conversation rendered once with the chat template and tokenized
   once; trained are the tokens of every assistant turn's content and of the template text after it
   up to and including the first special token (the end-of-turn token, ``<|im_end|>`` in ChatML),
@@ -22,7 +23,7 @@ The first token of every example is never a target (nothing precedes it to predi
 keeps packed examples from being trained to predict across their boundary, and makes
 ``(labels != -100).sum()`` exactly the number of tokens the loss averages over.
 
-Example (test tokenizer), ``{"prompt": "Hi", "response": "Yo"}``::
+Example (test tokenizer, ``--chat-template never``), ``{"prompt": "Hi", "response": "Yo"}``::
 
     input_ids  [ H   i   Y   o   <|im_end|> ]
     labels     [-100 -100 Y   o   <|im_end|> ]
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from rlhfkit.chat import encode_completion, encode_prompt, render_messages, render_prompt
+from rlhfkit.config import ChatTemplate
 from rlhfkit.data.records import Demonstration, Messages, RecordError
 from rlhfkit.errors import DataError
 
@@ -85,9 +87,11 @@ def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     return ids, _first_untrained(list(ids))
 
 
-def encode_prompt_response(tokenizer: Any, prompt: str | Messages, response: str) -> tuple[list[int], list[int]]:
-    """Only the response and its EOS are trained."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
+def encode_prompt_response(
+    tokenizer: Any, prompt: str | Messages, response: str, chat_template: ChatTemplate = "auto"
+) -> tuple[list[int], list[int]]:
+    """Only the response and its EOS are trained (a string prompt rendered by ``chat_template``, `rlhfkit.chat`)."""
+    prompt_ids = encode_prompt(tokenizer, prompt, chat_template)
     response_ids = encode_completion(tokenizer, response, stopped=True)
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
     return list(prompt_ids) + list(response_ids), _first_untrained(labels)
@@ -176,12 +180,12 @@ def _first_untrained(labels: list[int]) -> list[int]:
     return labels
 
 
-def encode_demonstration(tokenizer: Any, demo: Demonstration, max_length: int) -> Example:
+def encode_demonstration(tokenizer: Any, demo: Demonstration, max_length: int, chat_template: ChatTemplate = "auto") -> Example:
     """Token ids and labels of one demonstration, cut to ``max_length`` tokens (the start is kept)."""
     if demo.kind == "text":
         ids, labels = encode_text(tokenizer, demo.text or "")
     elif demo.kind == "prompt":
-        ids, labels = encode_prompt_response(tokenizer, demo.prompt or "", demo.response or "")
+        ids, labels = encode_prompt_response(tokenizer, demo.prompt or "", demo.response or "", chat_template)
     else:
         ids, labels = encode_messages(tokenizer, demo.messages or [])
     truncated = len(ids) > max_length
@@ -217,6 +221,7 @@ def encode_dataset(
     max_length: int,
     skip_invalid: bool = False,
     skipped: int = 0,
+    chat_template: ChatTemplate = "auto",
 ) -> tuple[list[Example], DataStats]:
     """Encode every demonstration; a conversation the chat template cannot mask is an error at
     ``source:line`` (or skipped and counted with ``skip_invalid``)."""
@@ -224,7 +229,7 @@ def encode_dataset(
     examples = []
     for demo, line in zip(demos, lines):
         try:
-            example = encode_demonstration(tokenizer, demo, max_length)
+            example = encode_demonstration(tokenizer, demo, max_length, chat_template)
         except RecordError as e:
             if not skip_invalid:
                 raise DataError(source, line, e.field, e.reason) from None

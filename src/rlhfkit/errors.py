@@ -23,3 +23,8 @@ class DataError(RlhfkitError):
         where = self.path if line is None else f"{self.path}:{line}"
         what = reason if field is None else f"field '{field}': {reason}"
         super().__init__(f"{where}: {what}")
+
+
+class NonFiniteError(RlhfkitError):
+    """A NaN or infinite value where training needs a number (a loss, a gradient norm, a reward, a
+    value, a KL, a weight): the run stops at that step and nothing non-finite is saved."""

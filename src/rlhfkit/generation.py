@@ -281,20 +281,3 @@ def policy_logprobs(
                 entropy = entropy_from_logits(scale_logits(logits, temperature)) * response_mask
     hidden = out.hidden_states[-1][:, -T - 1 : -1] if with_hidden else None  # (B, T, H)
     return logprobs, entropy, hidden
-
-
-def sequence_logprobs(
-    model: Any,
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    response: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of ``response`` after ``query`` under ``logits / temperature`` (and the
-    per-token entropy when asked); masked positions are 0. See `policy_logprobs`."""
-    logprobs, entropy, _ = policy_logprobs(
-        model, query, query_mask, response, response_mask, temperature, with_entropy=with_entropy
-    )
-    return logprobs, entropy

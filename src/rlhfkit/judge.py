@@ -38,22 +38,29 @@ def run_judge(command: str, samples: Sequence[dict[str, Any]], output: Path, *, 
     try:
         # its own process group, so that a timeout also ends what the shell started (a pipeline)
         proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, encoding="utf-8", start_new_session=True)  # fmt: skip
+                                start_new_session=True)  # fmt: skip
     except OSError as e:
         raise RlhfkitError(f"--judge {command!r}: cannot start it ({e})") from None
     try:
-        stdout, stderr = proc.communicate(payload, timeout=timeout)
+        raw_stdout, raw_stderr = proc.communicate(payload.encode("utf-8"), timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         raise RlhfkitError(f"--judge {command!r}: no answer within {timeout:g} s (--judge-timeout)") from None
     except BaseException:  # Ctrl-C: do not leave the judge running
         _kill_group(proc)
         raise
+    stderr = raw_stderr.decode("utf-8", errors="replace")  # for people: shown as it is
     if proc.returncode != 0:  # its last stderr line says why (the error stays one line)
         last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no message on stderr")
         raise RlhfkitError(f"--judge {command!r}: exited with status {proc.returncode}: {last}")
     if stderr:  # a judge's own progress or warnings, for people
         sys.stderr.write(stderr if stderr.endswith("\n") else stderr + "\n")
+    try:
+        stdout = raw_stdout.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw_stdout.count(b"\n", 0, e.start) + 1
+        bad = raw_stdout[e.start : e.start + 1]
+        raise RlhfkitError(f"--judge {command!r}: its output is not UTF-8 text (line {line}, byte {bad!r})") from None
     if not stdout.strip():
         raise RlhfkitError(f"--judge {command!r}: wrote no rankings on stdout")
     with atomic_open(output) as f:

@@ -1,4 +1,5 @@
-"""The RLHF math: masked statistics, KL estimators, reward shaping, GAE, PPO and reward-model losses.
+"""The RLHF math: masked statistics, KL estimators, reward shaping, advantages (GAE, RLOO, GRPO), PPO, A2C and
+GRPO losses, reward-model losses, DPO/IPO and ILQL.
 
 Everything here is a pure function of tensors and floats (plus two small KL-coefficient
 controllers). Nothing reads files, calls `.item()` or takes a config object, so the stages can
@@ -18,7 +19,9 @@ Conventions
 Sources: Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
 (lm-human-preferences, reproduced in lm-human-preference-details); Ouyang et al. 2022
 (InstructGPT); Schulman et al. 2017 (PPO) and 2016 (GAE); Schulman 2020, "Approximating KL
-Divergence" (http://joschu.net/blog/kl-approx.html).
+Divergence" (http://joschu.net/blog/kl-approx.html). Beside PPO: Mnih et al. 2016 (A2C), Ahmadian
+et al. 2024 (RLOO), Shao et al. 2024 (GRPO), Rafailov et al. 2023 (DPO), Azar et al. 2023 (IPO),
+Snell et al. 2022 (ILQL) with Kostrikov et al. 2021 (expectile regression) and Kumar et al. 2020 (CQL).
 """
 
 from __future__ import annotations
@@ -34,14 +37,21 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "masked_sum",
     "logprobs_from_logits",
     "entropy_from_logits",
     "kl_estimate",
     "kl_penalized_rewards",
     "gae",
+    "rloo_advantages",
+    "group_advantages",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "policy_gradient_loss",
+    "value_loss",
+    "grpo_policy_loss",
     "bradley_terry_loss",
+    "conservative_score",
     "expand_ranking",
     "ranking_loss",
     "AdaptiveKLController",
@@ -49,6 +59,10 @@ __all__ = [
     "lm_loss",
     "nll_sum",
     "scale_logits",
+    "dpo_loss",
+    "expectile_loss",
+    "ilql_loss",
+    "advantage_shifted_logits",
 ]
 
 KL_ESTIMATORS = choices(KLEstimator)  # ("k1", "k2", "k3")
@@ -112,6 +126,16 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(valid, whitened, 0.0)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum of `x` over the valid positions along `dim`: Σ_t x_t·m_t (0 for an empty row).
+
+    A sequence's log-probability is the masked sum of its token log-probabilities (DPO).
+    Shapes: `x`, `mask` (B, T) → (B,) with the default `dim`. Example: x = [[1, 2, 3]], mask
+    [[1, 1, 0]] → [3].
+    """
+    return torch.where(_valid(mask), x, 0.0).sum(dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +306,52 @@ def gae(
     return advantages, advantages + values
 
 
+def rloo_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out baseline over the K samples of each prompt (Ahmadian et al. 2024,
+    "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in
+    LLMs", eq. 6; Kool et al. 2019).
+
+    b_i = (Σ_j r_j − r_i) / (K − 1),   A_i = r_i − b_i,
+
+    the mean reward of the *other* K − 1 samples of the same prompt, so the baseline does not
+    depend on the sample it corrects (the estimate stays unbiased) and no critic is needed. The
+    rewards are whole-sequence rewards (in RLOO the KL-penalised score, r = score − β·Σ_t kl_t);
+    every response token of sample i gets A_i.
+
+    Example: K = 3 rewards [1, 2, 6] → baselines [4, 3.5, 1.5], advantages [−3, −1.5, 4.5].
+
+    Shapes: `rewards` (G, K), one row per prompt → `(advantages, baselines)`, both (G, K). K ≥ 2.
+    """
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs at least 2 samples per prompt, got {k}")
+    baselines = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    return rewards - baselines, baselines
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-normalised advantages (Shao et al. 2024, "DeepSeekMath", §4.1.2, outcome
+    supervision): each sample's reward standardised within the K samples of its prompt.
+
+    A_i = (r_i − mean_j r_j) / (std_j r_j + eps),
+
+    with the unbiased std (Bessel's correction, as TRL's GRPOTrainer computes it) and eps = 1e-4
+    keeping a group of equal rewards at A = 0 instead of 0/0. Every response token of sample i
+    gets A_i.
+
+    Example: K = 3 rewards [1, 2, 6]: mean 3, std √7 ≈ 2.64575 → A ≈ [−0.75593, −0.37796, 1.13389]
+    (eps = 0); rewards [5, 5] → [0, 0].
+
+    Shapes: `rewards` (G, K), one row per prompt → (G, K). K ≥ 2.
+    """
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"group-normalised advantages need at least 2 samples per prompt, got {k}")
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True)  # unbiased
+    return (rewards - mean) / (std + eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +430,94 @@ def ppo_value_loss(
     return vf_loss, stats
 
 
+def policy_gradient_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The vanilla policy-gradient (actor) loss of A2C (Mnih et al. 2016, "Asynchronous Methods
+    for Deep Reinforcement Learning", Algorithm S3; the synchronous variant Gopher's RL used,
+    Rae et al. 2021, appendix), as a loss to minimise:
+
+    L = −mean_t A_t·log π_θ(y_t),
+
+    the mean over the valid tokens of the whole batch, A a constant (no gradient flows into it).
+    A2C takes one gradient step per rollout batch, so π_θ = π_old at that step: there is no ratio
+    to clip, and ∇L equals the gradient of PPO's clipped surrogate at ρ = 1.
+
+    Example: log π = [−1, −2], A = [2, 1] → −(2·(−1) + 1·(−2)) / 2 = 2.
+
+    Stats (detached): with `old_logprobs`, `approxkl`, `approxkl_k3` and `ratio_mean` as in
+    `ppo_policy_loss` (0, 0 and 1 at A2C's single step); there is no `clipfrac`.
+
+    Shapes: `logprobs`, `advantages`, `mask`, `old_logprobs` (B, T) → 0-d loss.
+    """
+    valid = _valid(mask)
+    logprobs = torch.where(valid, logprobs, 0.0)  # (B, T)
+    advantages = torch.where(valid, advantages, 0.0).detach()
+    loss = masked_mean(-advantages * logprobs, valid)
+    stats: dict[str, torch.Tensor] = {}
+    if old_logprobs is not None:
+        with torch.no_grad():
+            log_ratio = torch.where(valid, logprobs - old_logprobs, 0.0)
+            stats = {
+                "approxkl": 0.5 * masked_mean(log_ratio**2, valid),
+                "approxkl_k3": masked_mean(torch.expm1(log_ratio) - log_ratio, valid),
+                "ratio_mean": masked_mean(torch.exp(log_ratio), valid),
+            }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The unclipped critic loss of A2C (Mnih et al. 2016): L = ½·mean_t (V_t − R_t)² over the
+    valid tokens, R = `returns` (GAE advantages + old values).
+
+    Example: V = [1.5, 1.1], R = [2, 2] → ½·(0.25 + 0.81) / 2 = 0.265.
+
+    Stats (detached): `value_mean` (mean_t V_t). Shapes: `values`, `returns`, `mask` (B, T) → 0-d loss.
+    """
+    valid = _valid(mask)
+    values, returns = torch.where(valid, values, 0.0), torch.where(valid, returns, 0.0)
+    loss = 0.5 * masked_mean((values - returns) ** 2, valid)
+    with torch.no_grad():
+        stats = {"value_mean": masked_mean(values, valid)}
+    return loss, stats
+
+
+def grpo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+    kl_coef: float = 0.04,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's objective (Shao et al. 2024, eq. 3), as a loss to minimise: PPO's clipped surrogate
+    plus the KL to the reference as a loss term instead of a reward penalty,
+
+    L = `ppo_policy_loss` + β·mean_t k3_t,   k3_t = π_ref/π_θ − log(π_ref/π_θ) − 1
+
+    (`kl_estimate(..., "k3")`, Schulman's unbiased, always non-negative estimator, at the sampled
+    tokens; its gradient reaches log π_θ). Both terms are means over the valid tokens of the batch
+    (the token-level mean of DAPO and TRL's default; the paper averages per sequence first).
+
+    Example: ρ = 1.5, A = +1, ε = 0.2 (surrogate −1.2) and log π_θ − log π_ref = 0.5 (k3 =
+    e^−0.5 − 1 + 0.5 ≈ 0.106531) with β = 0.1 give −1.2 + 0.0106531 = −1.1893469.
+
+    Stats (detached): those of `ppo_policy_loss`, plus `kl` = mean_t k3_t.
+
+    Shapes: every tensor (B, T) → 0-d loss.
+    """
+    valid = _valid(mask)
+    pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+    kl = kl_estimate(torch.where(valid, logprobs, 0.0), torch.where(valid, ref_logprobs, 0.0), "k3")  # (B, T), 0 where masked
+    kl_loss = masked_mean(kl, valid)
+    stats["kl"] = kl_loss.detach()
+    return pg_loss + kl_coef * kl_loss, stats
+
+
 # ---------------------------------------------------------------------------------------------
 # reward model
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +564,25 @@ def bradley_terry_loss(
             "margin_mean": masked_mean(diff, ordered),
         }
     return loss, stats
+
+
+def conservative_score(member_scores: torch.Tensor, coef: float) -> torch.Tensor:
+    """A pessimistic reward from an ensemble of reward models: mean − λ·std over the members.
+
+    s = mean_m s_m − λ·std_m s_m (population std), the uncertainty-penalised reward of Coste et al.
+    2023 ("Reward Model Ensembles Help Mitigate Overoptimization"; their UWO penalises the variance,
+    here the std, which keeps the penalty in the reward's units). Where the members disagree — away
+    from the prompts and answers they were trained on — the policy gains less, so PPO is steered
+    away from what the reward model cannot judge. λ = 0 gives the ensemble mean.
+
+    Example: members (1, 2, 3) → mean 2, std √(2/3) ≈ 0.8165; λ = 1 gives 1.1835.
+
+    Shapes: `member_scores` (B, M) → (B,).
+    """
+    mean = member_scores.mean(-1)
+    if coef == 0:
+        return mean
+    return mean - coef * member_scores.std(-1, unbiased=False)
 
 
 def expand_ranking(tiers: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -553,3 +730,168 @@ def lm_loss(
     tokens = (targets != ignore_index).sum()
     denominator = tokens.clamp(min=1) if normalizer is None else normalizer
     return total / denominator, {"nll_sum": total.detach(), "tokens": tokens.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# direct preference optimisation (DPO, IPO)
+# ---------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The preference loss of DPO (Rafailov et al. 2023, eq. 7) or IPO (Azar et al. 2023, eq. 17),
+    from sequence log-probabilities under the policy and the frozen reference.
+
+    h = (log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l)),
+
+    - sigmoid (DPO): L = mean_i −log σ(β·h_i), Bradley–Terry on the implicit reward β·log(π_θ/π_ref);
+    - ipo:           L = mean_i (h_i − 1/(2β))², which regresses the log-ratio gap to a finite
+      target instead of pushing it to infinity on deterministic preferences.
+
+    Log-probabilities are sums over the completion's tokens (`masked_sum`), as in both papers.
+    (TRL's IPO averages them over tokens instead.)
+
+    Example: log π_θ(y_w) = −1, log π_ref(y_w) = −2, log π_θ(y_l) = −3, log π_ref(y_l) = −2, so
+    h = 2; β = 0.1: sigmoid log(1 + e^−0.2) ≈ 0.598139, ipo (2 − 5)² = 9.
+
+    Stats (detached, TRL's names): `rewards_chosen` = mean β(log π_θ(y_w) − log π_ref(y_w)),
+    `rewards_rejected`, `accuracy` = mean [reward_w > reward_l], `margin` = mean of their difference.
+
+    Shapes: all four (N,) → 0-d loss.
+    """
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)  # (N,)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; choose sigmoid or ipo")
+    with torch.no_grad():
+        stats = {
+            "rewards_chosen": chosen_rewards.mean(),
+            "rewards_rejected": rejected_rewards.mean(),
+            "accuracy": (chosen_rewards > rejected_rewards).to(h.dtype).mean(),
+            "margin": (chosen_rewards - rejected_rewards).mean(),
+        }
+    return losses.mean(), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# offline RL: implicit language Q-learning (ILQL)
+# ---------------------------------------------------------------------------------------------
+
+
+def expectile_loss(diff: torch.Tensor, mask: torch.Tensor, tau: float = 0.7) -> torch.Tensor:
+    """Expectile regression (IQL, Kostrikov et al. 2021, eq. 5; ILQL's value loss, Snell et al.
+    2022, eq. 2): L = mean_t |τ − 1(u_t < 0)|·u_t², with u = target − prediction (for ILQL:
+    Q̂(s, a) − V(s)).
+
+    For τ > ½ an error with the target above the prediction weighs more, so V settles above the
+    mean of Q̂ over the data's actions: towards the best action seen, without querying unseen ones.
+    τ = ½ is half the squared error.
+
+    Example, τ = 0.7: u = +1 → 0.7, u = −1 → 0.3, u = 2 → 2.8; u = [1, −1] gives 0.5.
+
+    Shapes: `diff`, `mask` (B, T) → 0-d (the mean over valid positions).
+    """
+    valid = _valid(mask)
+    diff = torch.where(valid, diff, 0.0)
+    weight = torch.where(diff < 0, 1.0 - tau, tau)
+    return masked_mean(weight * diff**2, valid)
+
+
+def ilql_loss(
+    q_values: torch.Tensor,
+    target_q: torch.Tensor,
+    values: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 0.99,
+    tau: float = 0.7,
+    cql_coef: float = 0.1,
+    logprobs: torch.Tensor | None = None,
+    bc_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The ILQL objective (Snell et al. 2022, "Offline RL for Natural Language Generation with
+    Implicit Language Q Learning", eqs. 1-3; the form of trlx's ILQL), token by token over each
+    response, state s_t = prompt + y_<t, action a_t = y_t:
+
+    - Q:   mean_t (Q(s_t, a_t) − [r_t + γ·V(s_{t+1})])², V(s_{t+1}) without gradient and 0 after
+           the last token (the episode ends there);
+    - V:   `expectile_loss`(Q̂(s_t, a_t) − V(s_t), τ), Q̂ the target network (Polyak-averaged Q);
+    - CQL: mean_t [logsumexp_a Q(s_t, a) − Q(s_t, a_t)] (CQL(H), Kumar et al. 2020): the
+           cross-entropy of softmax(Q) at the data's token, which pushes down Q on tokens the data
+           never took, so that the advantage shift does not chase over-estimated unseen tokens;
+    - BC:  mean_t −log π(a_t|s_t), the behaviour cloning of π_β that sampling shifts;
+
+    L = L_Q + L_V + α·L_CQL + bc·L_BC (α = `cql_coef`, bc = `bc_coef`; L_BC needs `logprobs`).
+    Rewards sit where they are given (a sequence's reward on its last token). Masks are prefix
+    masks (valid tokens first), as every response batch here.
+
+    Example (one response of 2 tokens, vocabulary of 2, γ = 1, τ = 0.7, α = 1): Q(s_0, ·) = [1, 0],
+    Q(s_1, ·) = [0, 2], actions [0, 1], rewards [0, 1], V = [0.5, 1], Q̂ = [1, 2]. Then
+    Q(s_t, a_t) = [1, 2] and the targets are [0 + V_1, 1 + 0] = [1, 1]: L_Q = (0 + 1)/2 = 0.5;
+    u = Q̂ − V = [0.5, 1]: L_V = 0.7·(0.25 + 1)/2 = 0.4375; L_CQL = (log(1 + e^−1) + log(1 + e^−2))/2
+    ≈ (0.313262 + 0.126928)/2 = 0.220095; L ≈ 1.157595.
+
+    Stats (detached): `loss_q`, `loss_v`, `loss_cql`, `loss_bc` (when given), `q_mean`, `v_mean`,
+    `advantage_mean` = mean_t (Q̂(s_t, a_t) − V(s_t)).
+
+    Shapes: `q_values` (B, T, V); `target_q`, `values`, `rewards`, `logprobs`, `mask` (B, T);
+    `actions` (B, T) int64 → 0-d loss.
+    """
+    valid = _valid(mask)
+    actions = torch.where(valid, actions, 0)
+    q_values = torch.where(valid.unsqueeze(-1), q_values, 0.0)  # (B, T, V)
+    values = torch.where(valid, values, 0.0)
+    target_q = torch.where(valid, target_q, 0.0).detach()
+    rewards = torch.where(valid, rewards, 0.0)
+    q_taken = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T) Q(s_t, a_t)
+    # V(s_{t+1}): the next valid position's value, 0 after the last token (terminal)
+    next_valid = F.pad(valid[:, 1:], (0, 1), value=False)
+    next_values = torch.where(next_valid, F.pad(values[:, 1:], (0, 1)), 0.0).detach()
+    loss_q = masked_mean((q_taken - (rewards + gamma * next_values)) ** 2, valid)
+    loss_v = expectile_loss(target_q - values, valid, tau)
+    loss_cql = masked_mean(torch.logsumexp(q_values, -1) - q_taken, valid)
+    loss = loss_q + loss_v + cql_coef * loss_cql
+    stats = {"loss_q": loss_q, "loss_v": loss_v, "loss_cql": loss_cql}
+    if logprobs is not None:
+        loss_bc = masked_mean(-torch.where(valid, logprobs, 0.0), valid)
+        loss = loss + bc_coef * loss_bc
+        stats["loss_bc"] = loss_bc
+    with torch.no_grad():
+        stats = {k: v.detach() for k, v in stats.items()}
+        stats.update({
+            "q_mean": masked_mean(q_taken, valid),
+            "v_mean": masked_mean(values, valid),
+            "advantage_mean": masked_mean(target_q - values, valid),
+        })  # fmt: skip
+    return loss, stats
+
+
+def advantage_shifted_logits(logits: torch.Tensor, q_values: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """ILQL's policy (Snell et al. 2022, eq. 4): π(a|s) ∝ π_β(a|s)·exp(β·(Q(s, a) − V(s))), as logits
+
+    z = log_softmax(logits) + β·(Q − V),
+
+    which sampling then treats like any logits (temperature, top-k, top-p). β = 0 is the behaviour
+    policy π_β itself. V(s) shifts every token alike, so it changes no probability; it is kept so
+    that z − log_softmax(logits) is β times the advantage.
+
+    Example: logits [0, 0], Q = [1, 0], V = 0.5, β = 2 → log ½ + [1, −1]; softmax ≈ [0.880797, 0.119203].
+
+    Shapes: `logits`, `q_values` (..., V); `values` (..., 1) or (...,) → (..., V), float32.
+    """
+    if values.dim() == q_values.dim() - 1:
+        values = values.unsqueeze(-1)
+    return torch.log_softmax(logits.float(), -1) + beta * (q_values.float() - values.float())

@@ -37,7 +37,11 @@ CARD_FILE = "README.md"
 
 STAGES = {
     "sft": ("supervised fine-tuning (SFT) on demonstrations", "text-generation", ["sft"]),
-    "train-rm": ("a Bradley–Terry reward model trained on pairwise comparisons", "text-classification", ["reward-model", "reward-modeling"]),
+    "train-rm": (
+        "a Bradley–Terry reward model trained on pairwise comparisons",
+        "text-classification",
+        ["reward-model", "reward-modeling"],
+    ),
     "ppo": ("RLHF with PPO against a reward model, with a KL penalty to the reference policy", "text-generation", ["ppo"]),
 }
 PARENT_ROLES = ("model", "policy")  # the input the weights started from
@@ -134,7 +138,8 @@ def write_model_card(model_dir: str | os.PathLike, final: str | os.PathLike | No
 
 def _looks_like_hub_id(spec: str) -> bool:
     head = spec.split(":", 1)[0]
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", head)) and not head.endswith((".jsonl", ".json", ".gz", ".parquet", ".gguf"))
+    data_file = head.endswith((".jsonl", ".json", ".gz", ".parquet", ".gguf"))
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", head)) and not data_file
 
 
 def _inputs(info: dict[str, Any], role: str) -> list[dict[str, Any]]:
@@ -199,7 +204,12 @@ def front_matter(info: dict[str, Any], model_dir: Path, name: str | None = None)
     if config.get("lora"):
         tags.append("lora")
     meta["tags"] = list(dict.fromkeys(tags))
-    datasets = [str(e["path"]).split(":", 1)[0] for role in DATA_ROLES for e in _inputs(info, role) if e.get("sha256") is None and _looks_like_hub_id(str(e["path"]))]
+    datasets = [
+        str(e["path"]).split(":", 1)[0]
+        for role in DATA_ROLES
+        for e in _inputs(info, role)
+        if e.get("sha256") is None and _looks_like_hub_id(str(e["path"]))
+    ]
     if datasets:
         meta["datasets"] = list(dict.fromkeys(datasets))
     index = model_index(info, name or model_dir.name)
@@ -317,7 +327,11 @@ def model_card(info: dict[str, Any], model_dir: Path, final: Path | None = None)
         rows = [("PPO steps", ppo.get("steps")), ("final β (KL coefficient)", ppo.get("kl_coef"))]
         r = ppo.get("reward") or {}
         rows += [("reward", r.get("spec")), ("reward gain", r.get("gain")), ("reward bias", r.get("bias"))]
-        lines += ["### PPO", "", "| | value |", "|---|---|"] + [f"| {k} | {_cell(_number(v))} |" for k, v in rows if v is not None] + [""]
+        lines += (
+            ["### PPO", "", "| | value |", "|---|---|"]
+            + [f"| {k} | {_cell(_number(v))} |" for k, v in rows if v is not None]
+            + [""]
+        )
 
     # data
     inputs = {role: entries for role, entries in (info.get("inputs") or {}).items() if entries}
@@ -326,7 +340,9 @@ def model_card(info: dict[str, Any], model_dir: Path, final: Path | None = None)
         lines += ["## Inputs", "", "| role | path | records | sha256 |", "|---|---|---|---|"]
         for role, entries in inputs.items():
             for e in entries:
-                lines.append(f"| {role} | `{_cell(e.get('path'))}` | {counts.get(role, '')} | {e.get('sha256') or '(not a local file)'} |")
+                lines.append(
+                    f"| {role} | `{_cell(e.get('path'))}` | {counts.get(role, '')} | {e.get('sha256') or '(not a local file)'} |"
+                )
         val = ((info.get("data") or {}).get("val") or {}).get("examples")
         if "val_data" not in inputs and isinstance(val, int):
             lines.append(f"| val (held out from data) | | {val:,} held-out examples | |")
@@ -343,7 +359,13 @@ def model_card(info: dict[str, Any], model_dir: Path, final: Path | None = None)
         lines += ["- command:", "", "```bash", command, "```"]
     config = info.get("config") or {}
     if config:
-        lines += ["", "<details><summary>Every option (rlhfkit.json has them too)</summary>", "", "| option | value |", "|---|---|"]
+        lines += [
+            "",
+            "<details><summary>Every option (rlhfkit.json has them too)</summary>",
+            "",
+            "| option | value |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | `{_cell(v)}` |" for k, v in config.items()]
         lines += ["", "</details>"]
     lines.append("")
@@ -371,7 +393,8 @@ def _usage(info: dict[str, Any], model_dir: Path, final: Path) -> list[str]:
 
     template = _has_chat_template(model_dir)
     chatml = f"CHATML = {CHATML_TEMPLATE!r}  # the tokenizer has no chat template: rlhfkit renders chats as ChatML"
-    chat = "tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True" + (")" if template else ", chat_template=CHATML)")
+    chat = "tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True"
+    chat += ")" if template else ", chat_template=CHATML)"
     reward = info.get("reward") if isinstance(info.get("reward"), dict) else None
     is_rm = reward is not None or _pipeline_from_config(model_dir) == "text-classification"
     code = ["```python", "import torch"]
@@ -386,12 +409,14 @@ def _usage(info: dict[str, Any], model_dir: Path, final: Path) -> list[str]:
             *([] if template else [chatml]),
             'messages = [{"role": "user", "content": "What is the capital of France?"}]',
             "prompt = " + chat,
-            '# prompt + completion + EOS, the ids rlhfkit scores; one sequence, unpadded: the score is read at its last token',
-            'ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tokenizer(" Paris.", add_special_tokens=False)["input_ids"]',
+            "# prompt + completion + EOS, the ids rlhfkit scores; one sequence, unpadded: the score is read at its last token",
+            'ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]'
+            ' + tokenizer(" Paris.", add_special_tokens=False)["input_ids"]',
             "ids = ids + [tokenizer.eos_token_id]",
             "with torch.no_grad():",
             "    raw = model(torch.tensor([ids])).logits[0, 0].item()",
-            f"score = {gain!r} * raw {'-' if bias < 0 else '+'} {abs(bias)!r}  # normalised (see above): what rlhfkit ppo and eval use",
+            f"score = {gain!r} * raw {'-' if bias < 0 else '+'} {abs(bias)!r}"
+            "  # normalised (see above): what rlhfkit ppo and eval use",
             "print(score)",
         ]
     else:

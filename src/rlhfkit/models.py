@@ -12,13 +12,14 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit.config import Device, DType, choices
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError, NonFiniteError, RlhfkitError
 from rlhfkit.provenance import RunInfo
 from rlhfkit.tracking import RUN_FILES as TRACKER_FILES
 
@@ -120,6 +121,8 @@ def load_model(
     import transformers
 
     where, extra = _locate(spec)
+    if kind == "causal-lm":
+        _check_causal_lm(spec, where)
     cls = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModelForSequenceClassification
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, **extra}
     if kind == "reward":
@@ -127,14 +130,77 @@ def load_model(
     try:
         with _quiet_transformers():
             model = cls.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: weights that don't fit the config
-        raise RlhfkitError(f"{spec}: cannot load as a {kind} model: {_first_line(e)}") from None
+    except Exception as e:  # a truncated or corrupt safetensors file, weights that don't fit the config, a garbled config
+        raise RlhfkitError(f"{spec}: cannot load as a {kind} model: {_first_line(e)}") from e
+    check_finite_weights(model, spec)
     _clear_gguf_marker(model)
     if kind == "reward" and model.config.pad_token_id is None:
         # sequence classifiers find the last token through pad_token_id; we always pass
         # attention masks, but plain-transformers users of our output need it set
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     return model.to(device)
+
+
+# heads that make a model something other than a language model (a sequence classifier is a reward model)
+NOT_CAUSAL_LM = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
+def _check_causal_lm(spec: str, where: str) -> None:
+    """Refuse a local model directory whose ``config.json`` says it is a classifier where a causal
+    LM (a policy, the model to fine-tune) is expected; a garbled ``config.json`` is a FILE:LINE error."""
+    from rlhfkit.data.files import parse_json
+
+    config_file = Path(where) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id or a .gguf file: transformers reads its own metadata
+    try:
+        config = parse_json(config_file.read_text(encoding="utf-8"), config_file)
+    except UnicodeDecodeError:
+        raise RlhfkitError(f"{config_file}: not valid UTF-8") from None
+    if not isinstance(config, dict):
+        raise RlhfkitError(f"{config_file}: expected a JSON object")
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and all(str(a).endswith(NOT_CAUSAL_LM) for a in architectures):
+        raise RlhfkitError(
+            f"{spec}: a {architectures[0]}, not a causal language model (expected a policy or a model to fine-tune; "
+            "a sequence classifier is a reward model: give it to --rm)"
+        )
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The number of positions a model was trained for (``max_position_embeddings``, ``n_positions``,
+    ...), or None when its config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def model_context(spec: str, *, trust_remote_code: bool = False) -> int | None:
+    """`context_length` of a model argument from its config alone (no weights loaded), or None
+    when it cannot be told."""
+    import transformers
+
+    try:
+        where, extra = _locate(spec)
+        extra.pop("use_safetensors", None)
+        with _quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    except Exception:  # a hub id offline, an unusual GGUF: the model's own loading reports real problems
+        return None
+    return context_length(config)
+
+
+def check_finite_weights(model: Any, where: str | os.PathLike) -> None:
+    """Raise NonFiniteError naming the first weight that holds a NaN or an infinity: a model read
+    with one is refused, and no model with one is ever written (`save_model_dir` calls this first)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            bad = tensor[~torch.isfinite(tensor)].flatten()[0].item()
+            raise NonFiniteError(f"{where}: weight {name!r} holds {bad} (a non-finite weight: not loaded, not saved)")
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
@@ -151,8 +217,8 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     try:
         with _quiet_transformers():
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError, KeyError) as e:
-        raise RlhfkitError(f"{spec}: cannot load its tokenizer: {_first_line(e)}") from None
+    except Exception as e:  # a missing or garbled tokenizer file (tokenizers raises its own exception type)
+        raise RlhfkitError(f"{spec}: cannot load its tokenizer: {_first_line(e)}") from e
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise RlhfkitError(f"{spec}: the tokenizer has neither a pad nor an EOS token")
@@ -161,14 +227,24 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """RLHF trains with dropout off (reward models and PPO: the log-probs must be deterministic)."""
+    """RLHF trains with dropout off (reward models and PPO: the log-probs must be deterministic).
+
+    Besides ``nn.Dropout`` modules, attention implementations such as Llama's apply their dropout
+    functionally from a float attribute (``attention_dropout``) in training mode: it is zeroed too,
+    in the modules and in the config that a saved model carries.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0
 
 
 # a training run's files in OUT, and its experiment trackers' (--report-to)
-RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "stats.json", *TRACKER_FILES)
+RUN_FILES = ("metrics.jsonl", "checkpoints", "samples.jsonl", "stats.json", "judge", *TRACKER_FILES)  # judge: ppo --judge
 
 
 def save_model_dir(
@@ -179,6 +255,7 @@ def save_model_dir(
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     keep: tuple[str, ...] = RUN_FILES,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``out`` atomically: ``save_pretrained`` output (safetensors) + tokenizer + ``rlhfkit.json``
     + ``README.md``, the model card (`rlhfkit.modelcard`), + ``curves.png`` for a training run.
@@ -187,9 +264,11 @@ def save_model_dir(
     crash leaves either the previous directory or the complete new one, never a half-written one.
     A training stage's run files already in ``out`` (``keep``: metrics.jsonl, checkpoints/, ...)
     move into the new directory, so ``out`` is both the run directory and the model directory.
-    ``extra`` adds top-level keys to ``rlhfkit.json`` (e.g. a reward model's normalisation).
+    ``extra`` adds top-level keys to ``rlhfkit.json`` (e.g. a reward model's normalisation);
+    ``write_extra(directory)`` writes files of the stage's own into the new directory (an ensemble).
     """
     out = Path(out)
+    check_finite_weights(model, out)  # before anything is written, so before the final swap
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -198,6 +277,8 @@ def save_model_dir(
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         info.write(tmp / "rlhfkit.json", metrics or {}, **(extra or {}))
+        if write_extra is not None:
+            write_extra(tmp)
         from rlhfkit.modelcard import finish_model_dir
 
         finish_model_dir(tmp, out)  # README.md (the model card), curves.png of the run, and the end of its trackers

@@ -66,15 +66,24 @@ PANELS: tuple[Panel, ...] = (
     Panel(
         "Loss",
         "loss",
-        (("loss/train", "training loss"), ("loss/eval", "held-out loss"), ("loss/policy", "policy loss (clipped surrogate)"),
-         ("loss/value", "value loss"), ("loss/ptx", "pretraining loss (ptx)")),  # fmt: skip
+        (
+            ("loss/train", "training loss"),
+            ("loss/eval", "held-out loss"),
+            ("loss/policy", "policy loss (clipped surrogate)"),
+            ("loss/value", "value loss"),
+            ("loss/ptx", "pretraining loss (ptx)"),
+        ),  # fmt: skip
         match=lambda k: k.startswith("loss/") and not k.endswith("_initial"),
     ),
     Panel(
         "Reward",
         "reward",
-        (("objective/score", "score (normalised reward-model score)"), ("objective/rm_score", "reward-model score before clipping"),
-         ("objective/rlhf_reward", "score − β·KL"), ("rm/reward_mean", "mean raw reward of the training batch")),  # fmt: skip
+        (
+            ("objective/score", "score (normalised reward-model score)"),
+            ("objective/rm_score", "reward-model score before clipping"),
+            ("objective/rlhf_reward", "score − β·KL"),
+            ("rm/reward_mean", "mean raw reward of the training batch"),
+        ),  # fmt: skip
     ),
     Panel(
         "Reward-model accuracy",
@@ -158,7 +167,11 @@ def load_run(run: str | os.PathLike, name: str | None = None) -> Run:
     """Read a run directory's ``metrics.jsonl`` (and its stage from ``rlhfkit.json`` when there is one)."""
     path = metrics_path(run)
     if not path.is_file():
-        what = "no such file" if path.suffix == ".jsonl" and Path(run) == path else f"no {METRICS_FILE} (not a training run directory)"
+        what = (
+            "no such file"
+            if path.suffix == ".jsonl" and Path(run) == path
+            else f"no {METRICS_FILE} (not a training run directory)"
+        )
         raise DataError(run if Path(run) != path else path, None, None, what)
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -242,7 +255,9 @@ def figure(runs: Sequence[Run], title: str | None = None) -> Any:
     width, height = 5.0 * cols, 3.2 * rows + 0.4
     fig = Figure(figsize=(width, height), dpi=100)
     # margins in inches (the constrained layout engine would double the time of a plot: 0.6 s -> 0.35 s)
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.8 / width, bottom=0.55 / height, top=1 - 0.75 / height, wspace=0.36, hspace=0.45)
+    fig.subplots_adjust(
+        left=0.75 / width, right=1 - 0.8 / width, bottom=0.55 / height, top=1 - 0.75 / height, wspace=0.36, hspace=0.45
+    )
     several = len(runs) > 1
     for index, (panel, left, right) in enumerate(drawn):
         ax = fig.add_subplot(rows, cols, index + 1)

@@ -119,7 +119,9 @@ def held_out_loss(head: torch.Tensor, pairs: PairFeatures) -> float:
     return float(loss)
 
 
-def choose_l2(pairs: PairFeatures, *, grid: Sequence[float] = L2_GRID, folds: int = FOLDS, seed: int = 0) -> tuple[float, dict[float, float]]:
+def choose_l2(
+    pairs: PairFeatures, *, grid: Sequence[float] = L2_GRID, folds: int = FOLDS, seed: int = 0
+) -> tuple[float, dict[float, float]]:
     """λ with the lowest k-fold cross-validated loss, folds made of whole groups (rankings).
 
     Returns (λ, {λ: mean held-out loss}). With fewer than two groups there is nothing to hold out:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import math
 import os
 import platform
 import sys
@@ -102,8 +102,34 @@ class RunInfo:
 
 
 def read_run_info(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``rlhfkit.json`` of a model directory, or {} for a model rlhfkit did not write."""
+    """The ``rlhfkit.json`` of a model directory, or {} for a model rlhfkit did not write.
+
+    Read strictly (`rlhfkit.data.files.parse_json`): a garbled file, ``NaN``/``Infinity``, or a
+    reward normalisation (``reward.gain``, ``reward.bias``) that is not a finite number is a
+    DataError at FILE:LINE, never a value."""
+    from rlhfkit.data.files import parse_json
+    from rlhfkit.errors import DataError
+
     path = Path(model_dir) / "rlhfkit.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, None, f"not valid UTF-8 (byte {e.start})") from None
+    info = parse_json(text, path)
+    if not isinstance(info, dict):
+        raise DataError(path, 1, None, f"expected a JSON object, got {type(info).__name__}")
+    reward = info.get("reward")
+    if reward is not None and not isinstance(reward, dict):
+        raise DataError(path, _line_of(text, '"reward"'), "reward", f"expected an object, got {type(reward).__name__}")
+    for key in ("gain", "bias"):
+        value = (reward or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise DataError(path, _line_of(text, f'"{key}"'), f"reward.{key}", f"must be a finite number, got {value!r}")
+    return info
+
+
+def _line_of(text: str, needle: str) -> int:
+    at = text.find(needle)
+    return text.count("\n", 0, at) + 1 if at >= 0 else 1

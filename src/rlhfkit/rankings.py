@@ -36,7 +36,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +157,8 @@ def parse_ranking_string(text: str, field: str) -> list:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecordError(field, f"invalid JSON list: {e.msg}") from None
+        except RecursionError:
+            raise RecordError(field, "invalid JSON list: nested too deeply") from None
         if not isinstance(value, list):
             raise RecordError(field, "expected a list")
         return value
@@ -195,12 +199,16 @@ def read_scores(record: dict) -> list[RawJudgement]:
             scores = json.loads(scores)
         except json.JSONDecodeError as e:
             raise RecordError("scores", f"invalid JSON object: {e.msg}") from None
+        except RecursionError:
+            raise RecordError("scores", "invalid JSON object: nested too deeply") from None
         if not isinstance(scores, dict):
             raise RecordError("scores", "expected an object of completion id -> score")
     refs = []
     for cid, value in scores.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecordError(f"scores.{cid}", f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise RecordError(f"scores.{cid}", f"must be a finite number, got {value}")
         refs.append(Ref(str(cid), f"scores.{cid}", score=float(value)))
     return [_judgement_from_scores(refs, "scores", _optional_str(record, "prompt_id"), _optional_str(record, "annotator"))]
 
@@ -539,6 +547,8 @@ def read_csv_rows(source: str) -> Iterator[tuple[int, dict[str, str]]]:
         raise DataError(source, None, None, "no such file or directory") from None
     except UnicodeDecodeError as e:
         raise DataError(name, None, None, f"not valid UTF-8 (byte {e.start})") from None
+    except (OSError, EOFError, zlib.error) as e:  # a directory; a .gz that is not gzip, or is cut short
+        raise DataError(name, None, None, f"cannot read it ({e})") from None
     delimiter = "\t" if source.lower().endswith((".tsv", ".tsv.gz")) else ","
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     if not reader.fieldnames:
@@ -567,6 +577,8 @@ def group_score_rows(rows: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
             score = float(row.get("score", ""))
         except ValueError:
             raise _RowError(line, "score", f"expected a number, got {row.get('score', '')!r}") from None
+        if not math.isfinite(score):
+            raise _RowError(line, "score", f"must be a finite number, got {row.get('score')!r}")
         key = (row.get("prompt_id"), row.get("annotator"))
         first_line, record = grouped.setdefault(
             key, (line, {"scores": {}, **{k: v for k, v in zip(("prompt_id", "annotator"), key) if v}})
@@ -826,3 +838,18 @@ def _check_duplicate(judgement: Judgement, seen: dict[tuple, int]) -> None:
         hint = "" if judgement.annotator is not None else " (name each ranking's 'annotator')"
         raise RecordError(field, f"{what} at line {seen[key]}{hint}")
     seen[key] = judgement.line
+
+
+def load_checked(
+    source: str, samples: str, fmt: str = "auto", *, skip_invalid: bool = False
+) -> tuple[LoadedRankings, SampleIndex, Any]:
+    """The one validator of a rankings file, used by ``rank-import`` and ``rlhfkit validate --kind
+    rankings``: the rankings read to the end (a pipe first: the samples file may still be being
+    written), then the samples (`records.load_kind`), then every ranking checked against them.
+    Returns (rankings, the samples' index, the loaded samples)."""
+    from rlhfkit.data.records import load_kind
+
+    rows = read_rankings(source, fmt)
+    loaded_samples = load_kind(samples, "samples", skip_invalid=skip_invalid)
+    index = SampleIndex(loaded_samples, loaded_samples.lines, "<stdin>" if samples == "-" else samples)
+    return check_rankings(rows, index, skip_invalid=skip_invalid), index, loaded_samples

@@ -77,10 +77,14 @@ def plot_reward_vs_kl(result: dict[str, Any], path: Path) -> bool:
     best = result.get("best_of")
     if best and best.get("curve"):
         curve = best["curve"]
-        ax.plot([c["kl"] for c in curve], [c["score"] for c in curve], "--", color="grey", marker=".", label="best-of-n (baseline)")
+        ax.plot(
+            [c["kl"] for c in curve], [c["score"] for c in curve], "--", color="grey", marker=".", label="best-of-n (baseline)"
+        )
         for c in curve:
             if c["n"] in (curve[-1]["n"], 2, 4, 8, 16, 32, 64):
-                ax.annotate(f"n={c['n']}", (c["kl"], c["score"]), textcoords="offset points", xytext=(4, -10), fontsize=7, color="grey")
+                ax.annotate(
+                    f"n={c['n']}", (c["kl"], c["score"]), textcoords="offset points", xytext=(4, -10), fontsize=7, color="grey"
+                )
     checkpoints = [c for c in result.get("checkpoints") or [] if c.get("score") and c.get("kl")]
     if checkpoints:
         xs = [c["kl"]["mean"] for c in checkpoints]
@@ -91,8 +95,8 @@ def plot_reward_vs_kl(result: dict[str, Any], path: Path) -> bool:
     for i, p in enumerate(result["policies"]):
         if p.get("score") is None or p.get("kl") is None:
             continue
-        ax.errorbar([p["kl"]["mean"]], [p["score"]["mean"]], yerr=[_sem(p["score"], p["samples"])], xerr=[_sem(p["kl"], p["samples"])],
-                    fmt="o", capsize=3, color=f"C{(i + 3) % 10}", label=p["name"])  # fmt: skip
+        x, y, xerr, yerr = p["kl"]["mean"], p["score"]["mean"], _sem(p["kl"], p["samples"]), _sem(p["score"], p["samples"])
+        ax.errorbar([x], [y], yerr=[yerr], xerr=[xerr], fmt="o", capsize=3, color=f"C{(i + 3) % 10}", label=p["name"])
     ax.set_xlabel("KL to the baseline (nats per sequence)")
     ax.set_ylabel("reward-model score (normalised)")
     ax.set_title("Reward vs KL")
@@ -127,7 +131,15 @@ def plot_winrate(result: dict[str, Any], path: Path) -> bool:
             rates.append(w["rate"])
             lo.append(w["rate"] - w["ci_low"])
             hi.append(w["ci_high"] - w["rate"])
-        ax.barh(ys, rates, height=height * 0.9, xerr=[lo, hi], capsize=3, color=COLORS[judge], label=f"judged by {JUDGE_LABELS[judge]}")
+        ax.barh(
+            ys,
+            rates,
+            height=height * 0.9,
+            xerr=[lo, hi],
+            capsize=3,
+            color=COLORS[judge],
+            label=f"judged by {JUDGE_LABELS[judge]}",
+        )
     ax.axvline(0.5, color="black", linewidth=1, linestyle=":")
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
     ax.invert_yaxis()
@@ -144,7 +156,10 @@ def plot_elo(result: dict[str, Any], path: Path) -> bool:
     elo = {j: e for j, e in (result.get("elo") or {}).items() if e and e.get("ratings")}
     if not elo:
         return False
-    names = sorted({n for e in elo.values() for n in e["ratings"]}, key=lambda n: -max(e["ratings"].get(n, {}).get("rating", -1e9) for e in elo.values()))
+    names = sorted(
+        {n for e in elo.values() for n in e["ratings"]},
+        key=lambda n: -max(e["ratings"].get(n, {}).get("rating", -1e9) for e in elo.values()),
+    )
     fig, ax = _figure(6.4, 1.6 + 0.5 * len(names) * len(elo))
     height = 0.8 / len(elo)
     for k, (judge, e) in enumerate(elo.items()):
@@ -157,7 +172,15 @@ def plot_elo(result: dict[str, Any], path: Path) -> bool:
             xs.append(r["rating"])
             lo.append(max(0.0, r["rating"] - r["ci_low"]))
             hi.append(max(0.0, r["ci_high"] - r["rating"]))
-        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, color=COLORS.get(judge, "C0"), label=f"judged by {JUDGE_LABELS.get(judge, judge)}")
+        ax.errorbar(
+            xs,
+            ys,
+            xerr=[lo, hi],
+            fmt="o",
+            capsize=3,
+            color=COLORS.get(judge, "C0"),
+            label=f"judged by {JUDGE_LABELS.get(judge, judge)}",
+        )
     ax.axvline(1000, color="black", linewidth=1, linestyle=":")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
@@ -198,7 +221,8 @@ def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
     lines = [
         "# rlhfkit eval report",
         "",
-        f"- prompts: {result['prompts']} ({result['n_samples']} sample(s) per prompt and policy), from `{result['inputs']['prompts']}`",
+        f"- prompts: {result['prompts']} ({result['n_samples']} sample(s) per prompt and policy), "
+        f"from `{result['inputs']['prompts']}`",
         f"- sampling: temperature {s['temperature']}, top-p {s['top_p']}, max new tokens {s['max_new_tokens']}, seed {s['seed']}"
         + (f"; KL computed at temperature {s['kl_temperature']}" if s.get("kl_temperature") != s["temperature"] else ""),
         f"- baseline: `{result['baseline']['name']}` ({result['baseline']['path']})",
@@ -213,14 +237,24 @@ def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     rows = [result["baseline"], *result["policies"]] + ([result["best_of"]] if result.get("best_of") else [])
     for p in rows:
-        kl = _mean_std(p.get("kl")) if p.get("kl") else (_num(p.get("kl_analytic")) + " (analytic)" if p.get("kl_analytic") is not None else "–")
+        kl = (
+            _mean_std(p.get("kl"))
+            if p.get("kl")
+            else (_num(p.get("kl_analytic")) + " (analytic)" if p.get("kl_analytic") is not None else "–")
+        )
         if p is result["baseline"]:
             kl = "0 (reference)"
         lines.append(
             f"| {p['name']} | {_mean_std(p.get('score'))} | {kl} | {_mean_std(p.get('length'), 1)} | "
             f"{_num(p.get('stopped'), 2)} | {_num(p.get('perplexity'))} |"
         )
-    lines += ["", f"## Win-rate against `{result['baseline']['name']}`", "", "| policy | by reward model | by judge |", "|---|---|---|"]
+    lines += [
+        "",
+        f"## Win-rate against `{result['baseline']['name']}`",
+        "",
+        "| policy | by reward model | by judge |",
+        "|---|---|---|",
+    ]
     for name, wins in _win_rows(result):
         lines.append(f"| {name} | {_win(wins.get('rm'))} | {_win(wins.get('judge'))} |")
     agreement = result.get("agreement")
@@ -243,7 +277,13 @@ def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
     for judge, e in (result.get("elo") or {}).items():
         if not e or not e.get("ratings"):
             continue
-        lines += ["", f"## Elo (judged by {JUDGE_LABELS.get(judge, judge)})", "", "| player | Elo | interval | games |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Elo (judged by {JUDGE_LABELS.get(judge, judge)})",
+            "",
+            "| player | Elo | interval | games |",
+            "|---|---|---|---|",
+        ]
         for name, r in sorted(e["ratings"].items(), key=lambda kv: -kv[1]["rating"]):
             lines.append(f"| {name} | {r['rating']:.0f} | [{r['ci_low']:.0f}, {r['ci_high']:.0f}] | {r['games']:.0f} |")
     best = result.get("best_of")
@@ -253,7 +293,8 @@ def markdown(result: dict[str, Any], plots: dict[str, str]) -> str:
     if result.get("checkpoints"):
         lines += ["", "## PPO checkpoints", "", "| step | RM score | KL | length | stopped |", "|---|---|---|---|---|"]
         for c in result["checkpoints"]:
-            lines.append(f"| {c['step']} | {_mean_std(c.get('score'))} | {_mean_std(c.get('kl'))} | {_mean_std(c.get('length'), 1)} | {_num(c.get('stopped'), 2)} |")
+            cells = [str(c["step"]), _mean_std(c.get("score")), _mean_std(c.get("kl")), _mean_std(c.get("length"), 1)]
+            lines.append("| " + " | ".join([*cells, _num(c.get("stopped"), 2)]) + " |")
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({file})" for name, file in plots.items()]

@@ -25,15 +25,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit.chat import encode_completion, encode_prompt
-from rlhfkit.config import is_script, parse_script_spec
+from rlhfkit.config import ChatTemplate, is_script, parse_script_spec
 from rlhfkit.data.records import Conversation
 from rlhfkit.errors import ConfigError, RlhfkitError
 
@@ -47,15 +48,9 @@ class Reward:
     device: torch.device = torch.device("cpu")
 
     def raw_scores(
-        self,
-        prompts: Sequence[Conversation],
-        completions: Sequence[str],
-        query: torch.Tensor | None = None,
-        query_mask: torch.Tensor | None = None,
-        response: torch.Tensor | None = None,
-        response_mask: torch.Tensor | None = None,
-        stopped: torch.Tensor | Sequence[bool] | None = None,
+        self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None
     ) -> torch.Tensor:
+        """Scores before gain and bias, (B,) float32; the arguments are `score`'s."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -82,6 +77,21 @@ class Reward:
         raw = self.raw_scores(prompts, completions, query, query_mask, response, response_mask, stopped)
         return raw * self.gain + self.bias
 
+    @torch.no_grad()
+    def member_scores(
+        self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None
+    ) -> torch.Tensor:
+        """Normalised scores of every ensemble member, (B, M) float32; (B, 1) for a single reward.
+
+        Same arguments as `score`. Their spread is the ensemble's uncertainty
+        (`losses.conservative_score`); their mean is `score` for an ensemble from train-rm.
+        """
+        return self.score(prompts, completions, query, query_mask, response, response_mask, stopped)[:, None]
+
+    @property
+    def members(self) -> int:
+        return 1
+
     def info(self) -> dict[str, Any]:
         """What to record in a run's provenance."""
         return {"spec": self.name, "gain": self.gain, "bias": self.bias}
@@ -93,31 +103,55 @@ class Reward:
 class ModelReward(Reward):
     """A one-label sequence classifier, frozen, scored at the last real token."""
 
-    def __init__(self, spec: str, model: Any, tokenizer: Any, same_vocab: bool, gain: float, bias: float, batch_size: int = 16):
+    def __init__(
+        self, spec: str, model: Any, tokenizer: Any, same_vocab: bool, gain: float, bias: float, batch_size: int = 16,
+        ensemble: Any = None, chat_template: ChatTemplate = "auto",
+    ):  # fmt: skip
         self.name, self.model, self.tokenizer, self.same_vocab = spec, model, tokenizer, same_vocab
         self.gain, self.bias, self.batch_size = gain, bias, max(1, batch_size)
+        self.ensemble = ensemble  # scoring.Ensemble, or None
+        self.chat_template = chat_template  # how string prompts are rendered when the texts are re-encoded
         self.device = next(model.parameters()).device
+
+    @property
+    def members(self) -> int:
+        return 1 if self.ensemble is None else self.ensemble.members
 
     def raw_scores(
         self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None
     ) -> torch.Tensor:
+        from rlhfkit.scoring import classifier_parts
+
+        _, head = classifier_parts(self.model)
+        return head(self._hidden(prompts, completions, query, query_mask, response, response_mask, stopped)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def member_scores(
+        self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None
+    ) -> torch.Tensor:
+        if self.ensemble is None:
+            return super().member_scores(prompts, completions, query, query_mask, response, response_mask, stopped)
+        return self.ensemble.scores(self._hidden(prompts, completions, query, query_mask, response, response_mask, stopped))
+
+    def _hidden(self, prompts, completions, query, query_mask, response, response_mask, stopped) -> torch.Tensor:
+        """(B, H) last-token hidden states of prompt + completion, in chunks of ``batch_size``."""
         from rlhfkit.generation import join, right_pad
-        from rlhfkit.scoring import last_token_scores
+        from rlhfkit.scoring import last_token_hidden
 
         if self.same_vocab and query is not None and response is not None:
             ids, mask = (x.to(self.device) for x in join(query, query_mask, response, response_mask))  # (B, P+T)
         else:
             stops = [True] * len(prompts) if stopped is None else [bool(s) for s in stopped]
             seqs = [
-                encode_prompt(self.tokenizer, p) + encode_completion(self.tokenizer, c, stopped=s)
+                encode_prompt(self.tokenizer, p, self.chat_template) + encode_completion(self.tokenizer, c, stopped=s)
                 for p, c, s in zip(prompts, completions, stops)
             ]
             ids, mask = right_pad(seqs, self.tokenizer.pad_token_id, self.device)
         out = []
         for start in range(0, ids.size(0), self.batch_size):
             chunk_ids, chunk_mask = _trim_columns(ids[start : start + self.batch_size], mask[start : start + self.batch_size])
-            out.append(last_token_scores(self.model, chunk_ids, chunk_mask))
-        return torch.cat(out).float() if out else torch.zeros(0, device=self.device)
+            out.append(last_token_hidden(self.model, chunk_ids, chunk_mask))
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size, device=self.device)
 
 
 def _trim_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,11 +168,12 @@ def _same_vocab(a: Any, b: Any) -> bool:
 
 
 def _load_model_reward(
-    spec: str, tokenizer: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, batch_size: int
+    spec: str, tokenizer: Any, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, batch_size: int,
+    chat_template: ChatTemplate = "auto",
 ) -> ModelReward:
     from rlhfkit import models
     from rlhfkit.provenance import read_run_info
-    from rlhfkit.scoring import normalization
+    from rlhfkit.scoring import normalization, read_ensemble
 
     model = models.load_model(spec, kind="reward", dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     architectures = getattr(model.config, "architectures", None) or []
@@ -159,7 +194,8 @@ def _load_model_reward(
         rm_tokenizer = tokenizer  # a reward-model directory saved without its tokenizer
     same = tokenizer is not None and _same_vocab(tokenizer, rm_tokenizer)
     gain, bias = normalization(read_run_info(spec)) if Path(spec).is_dir() else (1.0, 0.0)
-    return ModelReward(spec, model, rm_tokenizer, same, gain, bias, batch_size)
+    ensemble = read_ensemble(spec) if Path(spec).is_dir() else None
+    return ModelReward(spec, model, rm_tokenizer, same, gain, bias, batch_size, ensemble, chat_template)
 
 
 # --- scripted rewards ---------------------------------------------------------------------------
@@ -176,18 +212,38 @@ class ScriptedReward(Reward):
     ) -> torch.Tensor:
         try:
             values = self.fn(list(prompts), list(completions))
-        except Exception as e:  # the user's code: report it as a one-line error naming the function
-            raise RlhfkitError(f"{self.name}: raised {type(e).__name__}: {e}") from None
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise RlhfkitError(f"{self.name}: must return a list of numbers, got {type(values).__name__}") from None
-        if len(values) != len(completions):
-            raise RlhfkitError(f"{self.name}: returned {len(values)} scores for {len(completions)} completions")
-        bad = next((v for v in values if not math.isfinite(v)), None)
-        if bad is not None:
-            raise RlhfkitError(f"{self.name}: returned a non-finite score ({bad})")
-        return torch.tensor(values, dtype=torch.float32, device=self.device)
+        except (Exception, SystemExit) as e:  # the user's code: report it as a one-line error naming the function
+            raise RlhfkitError(f"{self.name}: {_raised(e)} while scoring") from e
+        return torch.tensor(script_scores(self.name, values, len(completions)), dtype=torch.float32, device=self.device)
+
+
+def script_scores(name: str, values: Any, n: int) -> list[float]:
+    """A scripted reward's answer, checked: a sequence (list, tuple, iterator, 1-D array or tensor)
+    of ``n`` finite real numbers (bools count as 0 and 1); anything else is one line naming the
+    reward and the offending score."""
+    if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:  # a numpy array or a torch tensor
+        values = values.tolist()
+    elif isinstance(values, Iterator):
+        values = list(values)
+    if not isinstance(values, (list, tuple)):
+        raise RlhfkitError(f"{name}: must return a list of numbers (one per completion), got {type(values).__name__}")
+    if len(values) != n:
+        raise RlhfkitError(f"{name}: returned {len(values)} scores for {n} completions")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, numbers.Real):
+            raise RlhfkitError(f"{name}: score {i} is a {type(v).__name__} ({v!r:.40}), not a number")
+        if not math.isfinite(v):
+            raise RlhfkitError(f"{name}: returned a non-finite score ({v}) at position {i}")
+        out.append(float(v))
+    return out
+
+
+def _raised(e: BaseException) -> str:
+    """What the user's code did, in a few words: ``raised ValueError: ...`` or ``called sys.exit(3)``."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r})"
+    return f"raised {type(e).__name__}: {e}"
 
 
 def load_script(spec: str) -> Callable[..., Any]:
@@ -202,8 +258,8 @@ def load_script(spec: str) -> Callable[..., Any]:
         module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
         try:
             module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-        except Exception as e:  # the user's module failed to import
-            raise ConfigError(f"{spec}: importing {target} raised {type(e).__name__}: {e}") from None
+        except (Exception, SystemExit) as e:  # the user's module failed to import (or exited)
+            raise ConfigError(f"{spec}: importing {target} {_raised(e)}") from e
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
@@ -211,8 +267,8 @@ def load_script(spec: str) -> Callable[..., Any]:
             module = importlib.import_module(target)
         except ModuleNotFoundError as e:
             raise ConfigError(f"{spec}: cannot import module '{target}' ({e})") from None
-        except Exception as e:
-            raise ConfigError(f"{spec}: importing {target} raised {type(e).__name__}: {e}") from None
+        except (Exception, SystemExit) as e:
+            raise ConfigError(f"{spec}: importing {target} {_raised(e)}") from e
     fn = getattr(module, function, None)
     if not callable(fn):
         raise ConfigError(f"{spec}: module '{target}' has no function '{function}'")
@@ -230,11 +286,14 @@ def load_reward(
     *,
     trust_remote_code: bool = False,
     batch_size: int = 16,
+    chat_template: ChatTemplate = "auto",
 ) -> Reward:
     """The reward named by ``spec`` (see the module docstring). ``tokenizer`` is the policy's:
     a reward model with the same vocabulary scores the policy's token ids directly.
-    ``batch_size`` caps how many sequences one reward-model forward pass takes."""
+    ``batch_size`` caps how many sequences one reward-model forward pass takes; ``chat_template``
+    (``--chat-template``) renders string prompts when the reward model re-encodes the texts, as the
+    policy's prompts were rendered (`rlhfkit.chat`)."""
     device = torch.device(device)
     if is_script(spec):
         return ScriptedReward(spec, load_script(spec), device)
-    return _load_model_reward(spec, tokenizer, device, dtype, trust_remote_code, batch_size)
+    return _load_model_reward(spec, tokenizer, device, dtype, trust_remote_code, batch_size, chat_template)

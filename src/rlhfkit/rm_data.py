@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from rlhfkit import chat
+from rlhfkit.config import ChatTemplate
 from rlhfkit.data import records
 from rlhfkit.data.records import Comparison, Conversation
 from rlhfkit.errors import DataError
@@ -50,17 +51,19 @@ def content_key(value: Conversation) -> str:
 
 
 class Encoder:
-    """(prompt, completion) → token ids, the way ppo and eval will score them. Prompt ids are
-    cached, because every completion of a prompt (and every pair of a ranking) shares them."""
+    """(prompt, completion) → token ids, the way ppo and eval will score them (string prompts
+    rendered by ``chat_template``, `rlhfkit.chat`). Prompt ids are cached, because every completion
+    of a prompt (and every pair of a ranking) shares them."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, chat_template: ChatTemplate = "auto"):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self._prompts: dict[str, tuple[int, ...]] = {}
 
     def prompt(self, prompt: Conversation) -> tuple[int, ...]:
         key = content_key(prompt)
         if key not in self._prompts:
-            self._prompts[key] = tuple(chat.encode_prompt(self.tokenizer, prompt))
+            self._prompts[key] = tuple(chat.encode_prompt(self.tokenizer, prompt, self.chat_template))
         return self._prompts[key]
 
     def __call__(self, prompt: Conversation, completion: Conversation, *, stopped: bool = True) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """Per-row sampling seeds: one home for the seed of one completion, so that a completion depends on
 what it is (seed, prompt, policy, sample, step, ...) and never on the batch it shared.
 
-Three schemes exist because runs recorded with them must stay reproducible: changing one would
-change every completion that collect, eval or ppo writes for a given ``--seed``.
+Four schemes exist because runs recorded with them must stay reproducible: changing one would
+change every completion that collect, eval or ppo writes for a given ``--seed`` (and the order in
+which ``rlhfkit label`` showed the completions that its judgement logs refer to).
 
 =========  ==================================================================  ======================
 scheme     value                                                               used by
@@ -11,6 +12,7 @@ scheme     value                                                               u
 ``sha63``  first 8 bytes of sha256 of the parts joined by ``/``, shifted to     eval (rows, judge order)
            63 bits
 ``poly``   ``((p0·M + p1)·M + p2)·… mod 2⁶³`` with M = 1 000 003 (integers)     ppo (seed, step, row)
+``hex64``  first 16 hex digits (64 bits) of sha256 of the parts joined by \\0   label (order, k-max, export)
 =========  ==================================================================  ======================
 
 Worked example: ``row_seed(0, 0, 1, scheme="poly")`` = (0·M + 0)·M + 1 = 1, and
@@ -22,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-Scheme = Literal["hex60", "sha63", "poly"]
+Scheme = Literal["hex60", "sha63", "poly", "hex64"]
 POLY_BASE = 1_000_003
 
 
@@ -42,4 +44,6 @@ def row_seed(*parts: object, scheme: Scheme = "hex60") -> int:
         for p in parts:
             value = value * POLY_BASE + int(p)  # type: ignore[call-overload]
         return value % (2**63)
+    if scheme == "hex64":
+        return int(digest(*parts, sep="\0")[:16], 16)
     raise ValueError(f"unknown seed scheme {scheme!r}")

@@ -368,7 +368,9 @@ def win_rate(
     return result
 
 
-def _bootstrap_rate(outcomes: Sequence[float], clusters: Sequence[Hashable] | None, confidence: float, n_bootstrap: int, seed: int) -> tuple[float, float]:
+def _bootstrap_rate(
+    outcomes: Sequence[float], clusters: Sequence[Hashable] | None, confidence: float, n_bootstrap: int, seed: int
+) -> tuple[float, float]:
     """The percentile interval of the win-rate over ``n_bootstrap`` resamples of whole clusters."""
     keys = list(clusters) if clusters is not None else list(range(len(outcomes)))
     unit: dict[Hashable, int] = {}
@@ -426,7 +428,14 @@ def elo_table(matches: Sequence[Match], *, anchor: str | None, n_bootstrap: int,
     if not outcomes and not ties:
         return {"ratings": {}, "win_rates": {}, "matches": 0}
     ratings = elo_with_ci(
-        outcomes, ties, clusters=clusters, tie_clusters=tie_clusters, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed, anchor=anchor
+        outcomes,
+        ties,
+        clusters=clusters,
+        tie_clusters=tie_clusters,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        seed=seed,
+        anchor=anchor,
     )
     return {
         "ratings": {str(p): r.as_dict() for p, r in ratings.items()},

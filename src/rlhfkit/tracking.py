@@ -214,7 +214,9 @@ class TensorBoard(Tracker):
             from tensorboardX.summary import hparams
 
         # purge_step: on resume, TensorBoard drops the events after the checkpoint, like metrics.jsonl
-        self.writer = SummaryWriter(log_dir=str(meta.run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+        self.writer = SummaryWriter(
+            log_dir=str(meta.run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+        )
         if resume_step is None:
             for summary in hparams(meta.flat_hparams(), {}):
                 self.writer.file_writer.add_summary(summary)
@@ -246,14 +248,34 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
-class WandB(Tracker):
+class _RunLogTracker(Tracker):
+    """W&B and trackio, whose runs share one API: ``run.log(values, step=)`` with the module's
+    ``Table`` and ``Image`` types (``self.lib``: the module)."""
+
+    lib: Any
+    run: Any
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        columns = table_columns(rows)
+        self.run.log({name: self.lib.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step)
+
+    def files(self, step: int, paths: Sequence[Path]) -> None:
+        images = {p.stem: self.lib.Image(str(p)) for p in paths if p.suffix == ".png"}
+        if images:
+            self.run.log(images, step=step)
+
+
+class WandB(_RunLogTracker):
     name = "wandb"
 
     def __init__(self, meta: RunMeta, resume_step: int | None, saved: dict[str, Any]):
         import wandb
 
         resume_id = saved.get("id") if resume_step is not None else None
-        self.wandb = wandb
+        self.lib = wandb
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "rlhfkit"),
             name=os.environ.get("WANDB_NAME", meta.name),
@@ -266,18 +288,6 @@ class WandB(Tracker):
             reinit="create_new",  # several rlhfkit runs in one Python process are separate W&B runs
             settings=wandb.Settings(console="off"),  # no capture of stdout (rlhfkit's JSON result)
         )
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
-
-    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
-        columns = table_columns(rows)
-        self.run.log({name: self.wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step)
-
-    def files(self, step: int, paths: Sequence[Path]) -> None:
-        images = {p.stem: self.wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
-        if images:
-            self.run.log(images, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -309,13 +319,18 @@ class MLflow(Tracker):
         elif os.environ.get("MLFLOW_TRACKING_URI"):
             experiment_id = self.client.create_experiment(name)
         else:
-            experiment_id = self.client.create_experiment(name, artifact_location=(meta.run_dir / "mlartifacts").resolve().as_uri())
+            experiment_id = self.client.create_experiment(
+                name, artifact_location=(meta.run_dir / "mlartifacts").resolve().as_uri()
+            )
         run_id = saved.get("run_id") if resume_step is not None and saved.get("tracking_uri") == self.uri else None
         if run_id is not None:
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")  # params were logged by the first part (MLflow's params never change)
+            # params were logged by the first part (MLflow's params never change)
+            self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=meta.name, tags={"rlhfkit.stage": meta.stage, "rlhfkit.command": meta.command[:5000]})
+            run = self.client.create_run(
+                experiment_id, run_name=meta.name, tags={"rlhfkit.stage": meta.stage, "rlhfkit.command": meta.command[:5000]}
+            )
             self.run_id = run.info.run_id
             params = [Param(_MLFLOW_KEY.sub("_", k)[:250], str(v)[:6000]) for k, v in meta.flat_hparams().items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
@@ -331,7 +346,9 @@ class MLflow(Tracker):
 
     def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
         columns = table_columns(rows)
-        self.client.log_table(self.run_id, data={c: [r.get(c) for r in rows] for c in columns}, artifact_file=f"{name}/step-{step:06d}.json")
+        self.client.log_table(
+            self.run_id, data={c: [r.get(c) for r in rows] for c in columns}, artifact_file=f"{name}/step-{step:06d}.json"
+        )
 
     def files(self, step: int, paths: Sequence[Path]) -> None:
         for path in paths:
@@ -344,13 +361,13 @@ class MLflow(Tracker):
         return {"run_id": self.run_id, "tracking_uri": self.uri}
 
 
-class Trackio(Tracker):
+class Trackio(_RunLogTracker):
     name = "trackio"
 
     def __init__(self, meta: RunMeta, resume_step: int | None, saved: dict[str, Any]):
         import trackio
 
-        self.trackio = trackio
+        self.lib = trackio
         self.project = os.environ.get("TRACKIO_PROJECT", "rlhfkit")
         self.run_name = saved.get("name", meta.name) if resume_step is not None else meta.name
         with _quiet():
@@ -364,22 +381,10 @@ class Trackio(Tracker):
                 embed=False,
             )
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
-
-    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
-        columns = table_columns(rows)
-        self.run.log({name: self.trackio.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step)
-
-    def files(self, step: int, paths: Sequence[Path]) -> None:
-        images = {p.stem: self.trackio.Image(str(p)) for p in paths if p.suffix == ".png"}
-        if images:
-            self.run.log(images, step=step)
-
     def close(self) -> None:
-        current = getattr(getattr(self.trackio, "context_vars", None), "current_run", None)
+        current = getattr(getattr(self.lib, "context_vars", None), "current_run", None)
         if current is not None and current.get() is self.run:
-            self.trackio.finish()  # also forgets the run: trackio's exit hook would finish it again (on stdout)
+            self.lib.finish()  # also forgets the run: trackio's exit hook would finish it again (on stdout)
         else:
             self.run.finish()
 
@@ -432,7 +437,9 @@ class Trackers:
     """The trackers of one run (rank 0). Every call goes to every tracker; one that fails is
     reported once and dropped."""
 
-    def __init__(self, names: Sequence[str], meta: RunMeta, resume_step: int | None = None, tables: dict[str, Path] | None = None):
+    def __init__(
+        self, names: Sequence[str], meta: RunMeta, resume_step: int | None = None, tables: dict[str, Path] | None = None
+    ):
         self.meta = meta
         self.run_dir = meta.run_dir
         earlier = _OPEN.get(_key(meta.run_dir))
@@ -490,8 +497,8 @@ class Trackers:
                 from rlhfkit.console import console
 
                 self.trackers.remove(tracker)
-                console.print(f"[yellow]--report-to {tracker.name}: {what} failed ({_first_line(e)}); "
-                              f"{tracker.name} gets nothing more in this run (metrics.jsonl has everything)[/]", highlight=False)  # fmt: skip
+                console.print(f"[yellow]--report-to {tracker.name}: {what} failed ({_first_line(e)}); {tracker.name} "
+                              "gets nothing more in this run (metrics.jsonl has everything)[/]", highlight=False)  # fmt: skip
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """One metrics line (non-numbers left out); sample rows written before it go first, at their own steps."""
@@ -542,7 +549,9 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def start(run_dir: str | os.PathLike, info: Any, resume_step: int | None = None, tables: dict[str, Path] | None = None) -> Trackers | None:
+def start(
+    run_dir: str | os.PathLike, info: Any, resume_step: int | None = None, tables: dict[str, Path] | None = None
+) -> Trackers | None:
     """The trackers of a training run, from its `RunInfo` (``config["report_to"]``); None when none is asked for."""
     names = check_report_to(info.config.get("report_to"))
     if not names:
@@ -606,7 +615,10 @@ def eval_metrics(result: dict[str, Any]) -> tuple[dict[str, float], list[tuple[i
     put("agreement/accuracy", (result.get("agreement") or {}).get("accuracy"))
     put("throughput/tokens_per_s", (result.get("throughput") or {}).get("tokens_per_s"))
     curve = sorted(
-        ((int(c["step"]), {k.replace(f"{c['name']}/", "checkpoints/"): v for k, v in model_stats(c["name"], c).items()}) for c in result.get("checkpoints") or []),
+        (
+            (int(c["step"]), {k.replace(f"{c['name']}/", "checkpoints/"): v for k, v in model_stats(c["name"], c).items()})
+            for c in result.get("checkpoints") or []
+        ),
         key=lambda item: item[0],
     )
     return summary, curve
@@ -621,9 +633,11 @@ def eval_rows(samples_file: Path) -> list[dict[str, Any]]:
                 continue
             record = json.loads(line)
             for c in record.get("completions", []):
-                rows.append({"prompt_id": record.get("prompt_id"), "prompt": _text(record.get("prompt")), "model": c.get("policy"),
-                             "sample": c.get("sample"), "completion": c.get("text"), "score": c.get("score"), "kl": c.get("kl"),
-                             "num_tokens": c.get("num_tokens"), "finish_reason": c.get("finish_reason")})  # fmt: skip
+                rows.append({
+                    "prompt_id": record.get("prompt_id"), "prompt": _text(record.get("prompt")), "model": c.get("policy"),
+                    "sample": c.get("sample"), "completion": c.get("text"), "score": c.get("score"), "kl": c.get("kl"),
+                    "num_tokens": c.get("num_tokens"), "finish_reason": c.get("finish_reason"),
+                })  # fmt: skip
     return rows
 
 

@@ -14,13 +14,14 @@ never unpickling arbitrary objects) and ``state.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as tdist
 
 from rlhfkit.config import Schedule, choices
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError, NonFiniteError, RlhfkitError
 
 T = TypeVar("T")
 CHECKPOINTS = "checkpoints"
@@ -76,6 +77,143 @@ def shutdown_distributed(dist: Dist) -> None:
 def barrier(dist: Dist) -> None:
     if dist.enabled:
         tdist.barrier()
+
+
+# the --out directories that `prepare_run_dir` accepted for the run under way (see `distributed_run`)
+_claimed: list[tuple[Path, bool]] = []  # (OUT, whether it existed before the run)
+
+
+@contextlib.contextmanager
+def distributed_run(device: torch.device) -> Iterator[Dist]:
+    """The one set-up and teardown of every training stage::
+
+        with training.distributed_run(device) as dist:
+            result = _train(config, device, dist)
+
+    Joins the process group under torchrun. On success every rank meets at a barrier and leaves
+    the group. On failure nothing waits: the group is torn down at once (a barrier would hang on a
+    rank stuck in another collective), so the other ranks' collectives fail within seconds and
+    torchrun ends them; a rank that loses its peers this way reports one line saying so, the rank
+    that failed reports why. And a run that failed before its first checkpoint leaves nothing in
+    ``--out`` (`discard_failed_run`), so that the corrected command just runs again.
+    """
+    dist = init_distributed(device)
+    start = len(_claimed)
+    try:
+        yield dist
+    except BaseException as e:
+        if dist.enabled and tdist.is_initialized():
+            with contextlib.suppress(Exception):
+                tdist.destroy_process_group()
+        claimed = _claimed[start:]
+        del _claimed[start:]
+        if dist.is_main:
+            for out, existed in claimed:
+                discard_failed_run(out, existed)
+        if isinstance(e, NonFiniteError) and claimed:
+            kept = latest_checkpoint(claimed[-1][0])
+            note = f"{kept} is kept (--resume continues from it)" if kept is not None else "nothing was saved"
+            raise NonFiniteError(f"{e}; {note}") from None
+        if dist.enabled and _lost_peer(e):
+            raise RlhfkitError(
+                f"rank {dist.rank}: another rank stopped, so this one did too (its error is above; {_first_line(e)})"
+            ) from e
+        raise
+    del _claimed[start:]
+    shutdown_distributed(dist)
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether an exception is a collective failing because another rank went away."""
+    if isinstance(e, RlhfkitError) or not isinstance(e, RuntimeError):
+        return False
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, getattr(tdist, "DistError", ())) or any(
+        word in text for word in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "socket")
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def discard_failed_run(out: Path, existed: bool) -> None:
+    """After a failed run: if ``out`` holds no checkpoint and no finished model, remove what the
+    run wrote there (metrics.jsonl, samples.jsonl, trackers' files, temporary files), and ``out``
+    itself when the run created it. A run with a checkpoint keeps everything: ``--resume``
+    continues from its last good checkpoint."""
+    from rlhfkit.models import RUN_FILES
+
+    if not out.is_dir() or latest_checkpoint(out) is not None or (out / "rlhfkit.json").is_file():
+        clean_stale_temporaries(out)
+        return
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    clean_stale_temporaries(out)
+    if not existed and not any(out.iterdir()):
+        out.rmdir()
+
+
+def clean_stale_temporaries(out: Path) -> None:
+    """Remove what a killed run of ``out`` left half-written: ``checkpoints/.step-*`` directories
+    (`save_checkpoint`), hidden ``.NAME.*.tmp`` files in ``out`` (`data.files.atomic_open`), and
+    ``.OUT.*.tmp`` / ``.OUT.old-*`` directories beside it (`models.save_model_dir`)."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)$")
+    candidates = [*(out / CHECKPOINTS).glob(".step-*"), *out.glob(".*.tmp")] if out.is_dir() else []
+    if out.parent.is_dir():
+        candidates += [p for p in out.parent.iterdir() if pattern.match(p.name)]
+    for path in candidates:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def check_finite(step: int, dist: Dist = Dist(), **quantities: Any) -> None:
+    """Stop training at a non-finite quantity (``loss=..., grad_norm=..., reward=...``: tensors of
+    any shape, or numbers), before it reaches the weights: one line naming the step and the
+    quantity. One device sync, and under torchrun one all-reduce, so every rank stops at the same
+    step (a rank whose rewards alone are NaN stops them all)."""
+    quantities = {k: v for k, v in quantities.items() if v is not None and not (isinstance(v, torch.Tensor) and not v.numel())}
+    if not quantities:
+        return
+    first = next((v for v in quantities.values() if isinstance(v, torch.Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
+    if dist.enabled:  # the collective needs its tensor where the process group communicates
+        device = torch.device("cuda", torch.cuda.current_device()) if dist_device_type() == "cuda" else torch.device("cpu")
+    flags = [
+        (~torch.isfinite(v.detach())).any().to(device)
+        if isinstance(v, torch.Tensor)
+        else torch.tensor(not math.isfinite(v), device=device)
+        for v in quantities.values()
+    ]
+    bad = torch.stack(flags).to(torch.int32)
+    if dist.enabled:
+        tdist.all_reduce(bad, op=tdist.ReduceOp.MAX)
+    for (name, value), flag in zip(quantities.items(), bad.tolist(), strict=True):
+        if not flag:
+            continue
+        if isinstance(value, torch.Tensor):
+            local = value.detach()[~torch.isfinite(value.detach())].flatten()
+            shown = f" ({local[0].item()})" if local.numel() else " on another rank"
+        else:
+            shown = f" ({value})"
+        raise NonFiniteError(
+            f"step {step}: the {name.replace('_', ' ')} is not finite{shown}; training stopped before applying it "
+            "(lower --lr, or check the data and the reward)"
+        )
+
+
+def dist_device_type() -> str:
+    """The device type the process group communicates on (collectives need tensors there)."""
+    return "cuda" if tdist.is_initialized() and tdist.get_backend() == "nccl" else "cpu"
 
 
 def shard(items: Sequence[T], dist: Dist) -> list[T]:
@@ -130,18 +268,26 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    lr_of: dict[int, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no decay.
+
+    ``lr_of`` maps ``id(parameter)`` to a learning rate of its own (a reward model's score head
+    with ``--head-lr``); every other parameter gets ``lr``. Schedules scale every group alike.
 
     ``fused=True`` uses PyTorch's fused kernel (CPU and CUDA): one kernel for all parameters instead
     of a loop over them (measured for SmolLM2-135M on one CPU thread: 0.06 s per step instead of 0.42 s).
     """
-    decay, no_decay = [], []
+    lr_of = lr_of or {}
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps, fused=fused)
+            groups.setdefault((p.ndim >= 2, lr_of.get(id(p), lr)), []).append(p)
+    param_groups = [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": group_lr}
+        for (decays, group_lr), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1] != lr))
+    ]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def make_scheduler(
@@ -255,9 +401,15 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write a checkpoint atomically (temporary directory + rename) and keep the newest ``keep``."""
+    """Write a checkpoint atomically (temporary directory + rename) and keep the newest ``keep``.
+    A module with a non-finite weight is refused (NonFiniteError) before anything is written, so
+    the last checkpoint on disk stays the last good one."""
     from safetensors.torch import save_file
 
+    from rlhfkit.models import check_finite_weights
+
+    for name, module in modules.items():
+        check_finite_weights(unwrap(module), f"step {step}: {name}")
     target = checkpoint_dir(run_dir, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -290,22 +442,40 @@ def load_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     schedulers: dict[str, Any],
 ) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; return the stage's state (``step`` included)."""
+    """Restore everything `save_checkpoint` wrote; return the stage's state (``step`` included).
+    A checkpoint that cannot be read (a damaged file) is one line naming it."""
     from safetensors.torch import load_file
 
     for name, module in modules.items():
-        weights = load_file(str(path / f"{name}.safetensors"))
+        try:
+            weights = load_file(str(path / f"{name}.safetensors"))
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            message = f"{path}/{name}.safetensors: cannot read it ({_first_line(e)}); delete {path} to resume earlier"
+            raise RlhfkitError(message) from e
         missing, unexpected = unwrap(module).load_state_dict(weights, strict=False)
         expected = set(trainable_state_dict(unwrap(module)))
         if unexpected or (expected - set(weights)):
             raise RlhfkitError(f"{path}: checkpoint of '{name}' does not match the model (different model or options?)")
-    trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    try:
+        trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise RlhfkitError(f"{path}/trainer.pt: cannot read it ({_first_line(e)}); delete {path} to resume earlier") from e
     for k, o in optimizers.items():
         o.load_state_dict(trainer["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(trainer["schedulers"][k])
     set_rng_state(trainer["rng"])
-    return json.loads((path / "state.json").read_text())
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` (strictly: a damaged one is a FILE:LINE error)."""
+    from rlhfkit.data.files import parse_json
+
+    state = parse_json((path / "state.json").read_text(encoding="utf-8", errors="replace"), path / "state.json")
+    if not isinstance(state, dict):
+        raise RlhfkitError(f"{path / 'state.json'}: expected a JSON object")
+    return state
 
 
 def is_run_dir(out: Path) -> bool:
@@ -334,7 +504,7 @@ def prepare_run_dir(
         if has_files:
             what = "holds an earlier run (pass --resume to continue it)" if is_run_dir(out) else "exists and is not empty"
             raise ConfigError(f"--out {out}: {what}; choose another directory or remove it")
-        return None
+        return _claim(out, None, dist)
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
         if has_files and not is_run_dir(out):
@@ -342,8 +512,17 @@ def prepare_run_dir(
         if dist.is_main:
             message = f"[yellow]--resume: no checkpoint in {out}; starting from the beginning[/]"
             console.print(message, highlight=False, soft_wrap=True)
-        return None
+        return _claim(out, None, dist)
     check_resume_config(checkpoint, config, ignore=("resume", "report_to", *may_change))  # trackers may join a resumed run
+    return _claim(out, checkpoint, dist)
+
+
+def _claim(out: Path, checkpoint: Path | None, dist: Dist) -> Path | None:
+    """OUT is this run's from here on: what a killed run left half-written goes (rank 0), and a
+    failure of this run is cleaned up by `distributed_run`."""
+    if dist.is_main:
+        clean_stale_temporaries(out)
+    _claimed.append((out, out.exists()))
     return checkpoint
 
 
@@ -351,7 +530,7 @@ def check_resume_config(
     path: Path, config: dict[str, Any], ignore: Sequence[str] = ("resume", "max_steps", "save_every", "epochs")
 ) -> None:
     """Refuse to resume with options that change the run (different lr, data, batch size, ...)."""
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     saved = state.get("config", {})
     changed = [k for k, v in config.items() if k not in ignore and k in saved and saved[k] != v]
     if changed:
@@ -372,7 +551,12 @@ class MetricsLog:
     trackers end when the model directory is saved (`models.save_model_dir`), or at `close`."""
 
     def __init__(
-        self, run_dir: str | os.PathLike, dist: Dist = Dist(), resume_step: int | None = None, run: Any = None, tables: dict[str, Path] | None = None
+        self,
+        run_dir: str | os.PathLike,
+        dist: Dist = Dist(),
+        resume_step: int | None = None,
+        run: Any = None,
+        tables: dict[str, Path] | None = None,
     ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = dist.is_main
@@ -396,8 +580,13 @@ class MetricsLog:
         self.last: dict[str, Any] = {}
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
-        """Append one line; tensors are turned into floats here (the only place they sync)."""
+        """Append one line; tensors are turned into floats here (the only place they sync). A
+        non-finite value stops the run (NonFiniteError naming the step and the metric) before it
+        is written: metrics.jsonl holds numbers only. Call it on every rank with the same values."""
         row = {"step": step, **{k: _to_float(v) for k, v in metrics.items()}}
+        bad = next((k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: {bad} is not finite ({row[bad]}); training stopped (lower --lr, check the data)")
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

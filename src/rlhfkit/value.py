@@ -68,19 +68,20 @@ def response_values(
 
 
 class ActorCritic(nn.Module):
-    """The policy and its critic (a value model, or a head on the policy), trained together."""
+    """The policy and its critic (a value model, or a head on the policy), trained together; or the
+    policy alone (critic-free algorithms, ``ppo --algo rloo|grpo``: no values)."""
 
     def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, value_head: ValueHead | None = None):
         super().__init__()
-        if (value_model is None) == (value_head is None):
-            raise ValueError("give exactly one of value_model and value_head")
+        if value_model is not None and value_head is not None:
+            raise ValueError("give at most one of value_model and value_head")
         self.policy = policy
         self.value_model = value_model
         self.value_head = value_head
 
     @property
-    def critic(self) -> nn.Module:
-        return self.value_model if self.value_model is not None else self.value_head  # type: ignore[return-value]
+    def critic(self) -> nn.Module | None:
+        return self.value_model if self.value_model is not None else self.value_head
 
     def forward(
         self,
@@ -94,7 +95,9 @@ class ActorCritic(nn.Module):
         ptx: Any = None,
     ) -> dict[str, torch.Tensor]:
         """logprobs (B, T) under logits / temperature, values (B, T), entropy (B, T) if asked
-        (of the temperature-scaled distribution), ptx_loss (0-d) if ``ptx``; 0 at masked positions."""
+        (of the temperature-scaled distribution), ptx_loss (0-d) if ``ptx``; 0 at masked positions.
+        Without a critic there are no values."""
+        with_values = with_values and self.critic is not None
         logprobs, entropy, hidden = policy_logprobs(
             self.policy, query, query_mask, response, response_mask, temperature,
             with_entropy=with_entropy, with_hidden=with_values and self.value_head is not None,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from rlhfkit import __version__
-from rlhfkit.cli import collect, plot, ppo, rank_import, sft, train_rm, validate
+from rlhfkit.cli import collect, dpo, plot, ppo, rank_import, sft, train_rm, validate
 from rlhfkit.cli import eval as eval_cmd
 from rlhfkit.cli import label as label_cmd
 from rlhfkit.cli.common import GENERAL, set_debug, use_config_file
@@ -54,7 +54,12 @@ def root(
     ctx: typer.Context,
     version: Annotated[
         Optional[bool],
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the versions of rlhfkit, torch and transformers, and the device --device auto uses."),
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the versions of rlhfkit, torch and transformers, and the device --device auto uses.",
+        ),
     ] = None,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.", rich_help_panel=GENERAL)
@@ -78,6 +83,7 @@ app.command("label", rich_help_panel=RECIPE)(label_cmd.command)
 app.command("rank-import", rich_help_panel=RECIPE)(rank_import.command)
 app.command("train-rm", rich_help_panel=RECIPE)(train_rm.command)
 app.command("ppo", rich_help_panel=RECIPE)(ppo.command)
+app.command("dpo", rich_help_panel=RECIPE)(dpo.command)  # instead of train-rm + ppo
 app.command("eval", rich_help_panel=RECIPE)(eval_cmd.command)
 app.command("validate", rich_help_panel=TOOLS)(validate.command)
 app.command("plot", rich_help_panel=TOOLS)(plot.command)

@@ -7,6 +7,7 @@ from typing import Annotated
 from rlhfkit.cli.common import (
     INPUT_PANEL,
     SAMPLING_PANEL,
+    ChatTemplateOption,
     ConfigOption,
     DeviceOption,
     DTypeOption,
@@ -21,6 +22,7 @@ from rlhfkit.cli.common import (
 from rlhfkit.config import CollectConfig
 
 D = CollectConfig()
+SELECT_PANEL = "Choosing prompts to label"
 
 
 @command
@@ -50,11 +52,25 @@ def command(
         list[str], option("Stop string (repeatable); the EOS token always stops.", SAMPLING_PANEL, show_default=False)
     ] = D.stop,
     batch_size: Annotated[int, option("Sequences per generation batch.", SAMPLING_PANEL)] = D.batch_size,
+    select: Annotated[
+        int,
+        option(
+            "Keep only the N prompts whose completions the --select-by ensemble disagrees on most (every prompt's "
+            "samples stay in OUT's .pool file); 0 = every prompt.",
+            SELECT_PANEL,
+        ),
+    ] = D.select,
+    select_by: Annotated[
+        str,
+        option("A reward-model ensemble (train-rm --ensemble M): its members' disagreement picks the prompts.", SELECT_PANEL,
+               show_default=False),
+    ] = D.select_by,  # fmt: skip
     seed: SeedOption = D.seed,
     device: DeviceOption = D.device,  # type: ignore[assignment]
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
     skip_invalid: SkipInvalidOption = D.skip_invalid,
     trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
+    chat_template: ChatTemplateOption = D.chat_template,  # type: ignore[assignment]
     config: ConfigOption = None,
 ) -> dict | None:
     """Sample K completions per prompt from each policy and write them as samples JSONL for ranking.

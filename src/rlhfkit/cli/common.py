@@ -61,6 +61,8 @@ KLEstimator = choice_enum("KLEstimator", config.KLEstimator)
 Interval = choice_enum("Interval", config.Interval)
 RankingsFormat = choice_enum("RankingsFormat", config.RankingsFormat)
 Aggregate = choice_enum("Aggregate", config.Aggregate)
+HeadInit = choice_enum("HeadInit", config.HeadInit)
+ChatTemplate = choice_enum("ChatTemplate", config.ChatTemplate)
 
 
 # --- configuration files ------------------------------------------------------------------------
@@ -142,6 +144,14 @@ DeviceOption = Annotated[Device, option("auto = CUDA if present, else CPU.", GEN
 DTypeOption = Annotated[DType, option("auto = bfloat16 on a GPU that supports it, else float32.", GENERAL)]
 SkipInvalidOption = Annotated[bool, option("Skip and count invalid records instead of stopping.", GENERAL)]
 TrustRemoteCodeOption = Annotated[bool, option("Allow model code from the model's directory or hub repo.", GENERAL)]
+ChatTemplateOption = Annotated[
+    ChatTemplate,
+    option(
+        "String prompts: auto = one user turn of the model's chat template if it has one (a note says so); always = "
+        "a user turn even without one (ChatML); never = raw text. Message prompts always use the template.",
+        INPUT_PANEL,
+    ),
+]
 
 
 # --- option aliases shared by the training commands (sft, train-rm, ppo) ---------------------------
@@ -175,7 +185,8 @@ ReportToOption = Annotated[
     str,
     typer.Option(
         help="Experiment trackers that get the metric stream too (same keys and steps as metrics.jsonl, the options as "
-        "hyper-parameters): none, or tensorboard, wandb, mlflow, trackio, comma-separated. Each is an extra: pip install rlhfkit[wandb].",
+        "hyper-parameters): none, or tensorboard, wandb, mlflow, trackio, comma-separated. "
+        "Each is an extra: pip install rlhfkit[wandb].",
         callback=_report_to_callback,
         rich_help_panel=RUN_PANEL,
     ),

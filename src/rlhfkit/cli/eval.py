@@ -7,6 +7,7 @@ from typing import Annotated
 from rlhfkit.cli.common import (
     INPUT_PANEL,
     SAMPLING_PANEL,
+    ChatTemplateOption,
     ConfigOption,
     DeviceOption,
     DTypeOption,
@@ -120,6 +121,7 @@ def command(
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
     skip_invalid: SkipInvalidOption = D.skip_invalid,
     trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
+    chat_template: ChatTemplateOption = D.chat_template,  # type: ignore[assignment]
     config: ConfigOption = None,
 ) -> dict | None:
     """Compare policies with a baseline on held-out prompts; print the report as JSON.

@@ -14,13 +14,20 @@ from rlhfkit.cli.common import command
 def command(
     runs: Annotated[
         list[Path],
-        typer.Argument(help="Run directories (sft, train-rm or ppo --out) or metrics.jsonl files; several are overlaid.", metavar="RUN_DIR", show_default=False),
+        typer.Argument(
+            help="Run directories (sft, train-rm or ppo --out) or metrics.jsonl files; several are overlaid.",
+            metavar="RUN_DIR",
+            show_default=False,
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Directory for curves.png.")] = Path("."),
 ) -> dict:
-    """Plot training curves as one PNG (OUT/curves.png): loss, reward, reward-model accuracy, KL and β, entropy, clip fractions, perplexity, learning rate, gradient norm, throughput.
+    """Plot training curves as one PNG (OUT/curves.png): loss, reward, reward-model accuracy, KL and β,
+    entropy, clip fractions, perplexity, learning rate, gradient norm, throughput.
 
-    Several runs are drawn into the same panels, one colour per run. Every training stage also writes curves.png into its run directory at the end.
+    Several runs are drawn into the same panels, one colour per run.
+
+    Every training stage also writes curves.png into its run directory at the end.
     """
     from rlhfkit.plot import plot
 

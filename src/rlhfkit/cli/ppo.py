@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+from rlhfkit import config as config_types
 from rlhfkit.cli.common import (
     INPUT_PANEL,
     LORA_PANEL,
     RUN_PANEL,
     SAMPLING_PANEL,
     TRAINING_PANEL,
+    ChatTemplateOption,
     ConfigOption,
     DeviceOption,
     DTypeOption,
@@ -28,13 +30,16 @@ from rlhfkit.cli.common import (
     TrustRemoteCodeOption,
     ValueHead,
     build_config,
+    choice_enum,
     command,
     option,
 )
 from rlhfkit.config import PPOConfig
 
 D = PPOConfig()
-PPO, KL, PTX = "PPO", "Reward and KL", "PPO-ptx"
+ALGO, PPO, KL, PTX = "Algorithm", "PPO", "Reward and KL", "PPO-ptx"
+JUDGE = "Judge monitor"
+Algo = choice_enum("Algo", config_types.Algo)
 
 
 @command
@@ -94,6 +99,21 @@ def command(
     max_prompt_length: Annotated[
         int, option("Keep only the last N tokens of longer prompts (0 = no limit).", INPUT_PANEL)
     ] = D.max_prompt_length,
+    algo: Annotated[
+        Algo,
+        option(
+            "ppo: clipped surrogate, critic with GAE. a2c: one gradient step per rollout batch, no clipping, critic "
+            "with GAE (--ppo-epochs and --mini-batch-size do not apply). rloo: K samples per prompt, leave-one-out "
+            "baseline, no critic. grpo: K samples per prompt, group-normalised advantages, KL as a k3 loss term, no critic.",
+            ALGO,
+        ),
+    ] = D.algo,  # type: ignore[assignment]
+    k: Annotated[
+        int, option("rloo, grpo: samples per prompt; --batch-size counts rollouts = prompts x K (0 = 4).", ALGO, "--k")
+    ] = D.k,
+    kl_in_reward: Annotated[
+        bool, option("grpo: penalise the KL in the reward (as ppo does) instead of adding β·k3 to the loss.", ALGO)
+    ] = D.kl_in_reward,
     steps: Annotated[int, option("PPO steps (one rollout batch and its PPO epochs each).", PPO)] = D.steps,
     batch_size: Annotated[int, option("Rollouts per step (per process).", PPO)] = D.batch_size,
     mini_batch_size: Annotated[int, option("Rollouts per optimizer step (0 = --batch-size).", PPO)] = D.mini_batch_size,
@@ -134,6 +154,13 @@ def command(
     whiten_rewards: Annotated[
         bool, option("Whiten the per-token rewards (without a mean shift) before GAE.", KL)
     ] = D.whiten_rewards,
+    conservative_coef: Annotated[
+        float,
+        option(
+            "λ: score = mean − λ·std of the reward ensemble's members (train-rm --ensemble M; Coste et al. 2023). 0 = off.",
+            KL,
+        ),
+    ] = D.conservative_coef,
     lr: Annotated[float, option("Peak learning rate of AdamW (policy and critic).", TRAINING_PANEL)] = D.lr,
     schedule: Annotated[
         Schedule, option("Learning-rate decay over --steps (linear = annealed to 0).", TRAINING_PANEL)
@@ -157,6 +184,33 @@ def command(
         int, option("Print a table of samples and append them to OUT/samples.jsonl every N steps (0 = never).", RUN_PANEL)
     ] = D.sample_every,
     num_samples: Annotated[int, option("Rows in each sample table.", RUN_PANEL)] = D.num_samples,
+    judge: Annotated[
+        str,
+        option(
+            "Judge command (eval --judge's protocol: samples JSONL on stdin, rankings on stdout): the policy's win-rate over "
+            "the starting policy is logged as judge/win_rate (95% Wilson interval).",
+            JUDGE,
+            show_default=False,
+        ),
+    ] = D.judge,
+    judge_every: Annotated[
+        int, option("Judge every N steps, and after the last (0 = after the last only).", JUDGE)
+    ] = D.judge_every,
+    judge_prompts: Annotated[
+        str, option("The judge's prompts (default: --prompts; held-out ones measure generalisation).", JUDGE, show_default=False)
+    ] = D.judge_prompts,
+    judge_samples: Annotated[
+        int, option("Prompts judged each time: the first N distinct ones, one completion each from policy and start.", JUDGE)
+    ] = D.judge_samples,
+    judge_timeout: Annotated[float, option("Seconds one judge call may take.", JUDGE)] = D.judge_timeout,
+    keep_best: Annotated[
+        bool,
+        option(
+            "OUT holds the policy of the judged step with the best win-rate (the starting policy if none beat it); "
+            "--no-keep-best: the last one.",
+            JUDGE,
+        ),
+    ] = D.keep_best,
     lora: Annotated[
         bool,
         option(
@@ -175,9 +229,10 @@ def command(
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
     skip_invalid: SkipInvalidOption = D.skip_invalid,
     trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
+    chat_template: ChatTemplateOption = D.chat_template,  # type: ignore[assignment]
     config: ConfigOption = None,
 ) -> dict | None:
-    """RLHF with PPO against a reward model and a KL penalty to the reference; print a JSON summary.
+    """RLHF with PPO (or A2C, RLOO, GRPO: --algo) against a reward model and a KL penalty to the reference; print a JSON summary.
 
     Each step samples responses, scores them, penalises the KL to the reference and updates policy and critic.
 

@@ -9,6 +9,7 @@ from rlhfkit.cli.common import (
     INPUT_PANEL,
     LORA_PANEL,
     TRAINING_PANEL,
+    ChatTemplateOption,
     ConfigOption,
     DeviceOption,
     DTypeOption,
@@ -138,6 +139,7 @@ def command(
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
     skip_invalid: SkipInvalidOption = D.skip_invalid,
     trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
+    chat_template: ChatTemplateOption = D.chat_template,  # type: ignore[assignment]
     config: ConfigOption = None,
 ) -> dict | None:
     """Supervised fine-tuning (and continued pretraining) of a causal LM on demonstrations, full or LoRA.

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 from rlhfkit.cli.common import (
     EVAL_PANEL,
     INPUT_PANEL,
     LORA_PANEL,
     TRAINING_PANEL,
+    ChatTemplateOption,
     ConfigOption,
     DeviceOption,
     DTypeOption,
+    HeadInit,
     KeepCheckpointsOption,
     LogEveryOption,
     LoraAlphaOption,
@@ -34,6 +36,7 @@ from rlhfkit.config import TrainRMConfig
 
 D = TrainRMConfig()
 NORM = "Normalisation"
+HEAD_PANEL = "Score head"
 
 
 @command
@@ -67,8 +70,17 @@ def command(
         int, option("Drop (and count) pairs whose prompt+completion is longer than this many tokens.", INPUT_PANEL)
     ] = D.max_length,
     epochs: Annotated[
-        int, option("Passes over the data. One by default: reward models overfit after one epoch (InstructGPT).", TRAINING_PANEL)
+        Optional[int],
+        option(
+            "Passes over the data (default: from the data size, enough for --min-steps optimizer steps; "
+            "with few comparisons one epoch is a handful of steps).",
+            TRAINING_PANEL,
+            show_default=False,
+        ),
     ] = D.epochs,
+    min_steps: Annotated[
+        int, option("Without --epochs: at least this many optimizer steps (epochs = ceil(min-steps / steps per epoch)).", TRAINING_PANEL)
+    ] = D.min_steps,
     max_steps: Annotated[int, option("Stop after this many optimizer steps (0 = every epoch).", TRAINING_PANEL)] = D.max_steps,
     batch_size: Annotated[
         int,
@@ -82,6 +94,35 @@ def command(
     schedule: Annotated[Schedule, option("Learning-rate decay after warmup.", TRAINING_PANEL)] = (  # type: ignore[assignment]
         D.schedule
     ),
+    head_init: Annotated[
+        HeadInit,
+        option(
+            "probe: fit the score head on the frozen model's features first (Bradley–Terry logistic regression, "
+            "LP-FT, Kumar et al. 2022), then fine-tune; random: a fresh random head.",
+            HEAD_PANEL,
+        ),
+    ] = D.head_init,  # type: ignore[assignment]
+    probe_l2: Annotated[
+        Optional[float],
+        option("The probe's L2 penalty on standardised features (default: chosen by 5-fold cross-validation over rankings).",
+               HEAD_PANEL, show_default=False),
+    ] = D.probe_l2,  # fmt: skip
+    head_lr: Annotated[
+        Optional[float], option("Learning rate of the score head (default: --lr).", HEAD_PANEL, show_default=False)
+    ] = D.head_lr,
+    trainable_layers: Annotated[
+        int,
+        option("Train only the top N decoder layers, the final norm and the head (0 = the probe alone, -1 = every layer).",
+               HEAD_PANEL),
+    ] = D.trainable_layers,  # fmt: skip
+    ensemble: Annotated[
+        int,
+        option(
+            "Train M heads on one backbone, each on a bootstrap resample of the rankings; their spread is exported as "
+            "uncertainty (ensemble.safetensors) for ppo --conservative-coef and collect --select-by.",
+            HEAD_PANEL,
+        ),
+    ] = D.ensemble,
     warmup_steps: Annotated[int, option("Linear warmup steps.", TRAINING_PANEL)] = D.warmup_steps,
     weight_decay: Annotated[float, option("AdamW weight decay (not on biases and norms).", TRAINING_PANEL)] = D.weight_decay,
     max_grad_norm: Annotated[float, option("Clip the gradient norm (0 = no clipping).", TRAINING_PANEL)] = D.max_grad_norm,
@@ -112,6 +153,14 @@ def command(
     eval_every: Annotated[
         int, option("Held-out accuracy and margin every N optimizer steps (0 = only at the end).", EVAL_PANEL)
     ] = D.eval_every,
+    early_stopping: Annotated[
+        bool,
+        option("Keep the weights with the lowest held-out loss, evaluated every --eval-every steps (default: twice an epoch).",
+               EVAL_PANEL),
+    ] = D.early_stopping,
+    patience: Annotated[
+        int, option("With --early-stopping: stop after N evaluations without improvement (0 = train every step).", EVAL_PANEL)
+    ] = D.patience,
     eval_batch_size: Annotated[
         int, option("Batch elements per forward pass in evaluation and normalisation.", EVAL_PANEL)
     ] = D.eval_batch_size,
@@ -142,6 +191,7 @@ def command(
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]
     skip_invalid: SkipInvalidOption = D.skip_invalid,
     trust_remote_code: TrustRemoteCodeOption = D.trust_remote_code,
+    chat_template: ChatTemplateOption = D.chat_template,  # type: ignore[assignment]
     config: ConfigOption = None,
 ) -> dict | None:
     """Train a reward model (Bradley–Terry, InstructGPT ranking batches) on comparisons; print a JSON summary.

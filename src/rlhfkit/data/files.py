@@ -11,12 +11,14 @@ for tabular sources), so that validation errors can say ``FILE:LINE: field 'x': 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gzip
 import io
 import json
 import os
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -62,7 +64,7 @@ def _read_any(source: str) -> Iterator[tuple[int, Any]]:
         with gzip.open(path, "rb") as f:
             try:
                 yield from _read_json_lines(f, source)
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 raise DataError(source, None, None, f"not a valid gzip file ({e})") from None
     elif name.endswith(".json"):
         yield from _read_json_file(path)
@@ -75,7 +77,78 @@ def _decode(raw: bytes, source: str, line: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        line += raw.count(b"\n", 0, e.start)  # a whole file: the line the bad byte is on
         raise DataError(source, line, None, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
+class _NotFinite(ValueError):
+    """JSON's NaN, Infinity or -Infinity: Python's json reads them, RFC 8259 has no such numbers."""
+
+
+def _reject_constant(token: str) -> Any:
+    raise _NotFinite(token)
+
+
+def parse_json(text: str, source: str | os.PathLike, line: int = 1) -> Any:
+    """One JSON document, strictly: invalid JSON, ``NaN``/``Infinity`` (never a value: a score or
+    margin that is not a number is an error), nesting too deep to read, and text that is not
+    Unicode (a lone surrogate such as ``"\\ud800"``, which no tokenizer or UTF-8 file can hold)
+    are each a DataError at ``source:LINE`` (``line`` is the line ``text`` starts on)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise DataError(source, line + e.lineno - 1, None, f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except _NotFinite as e:
+        at = _constant_position(text)
+        where = line + text.count("\n", 0, at)
+        column = at - text.rfind("\n", 0, at)
+        raise DataError(source, where, None, f"invalid JSON: {e} at column {column} (JSON numbers are finite)") from None
+    except RecursionError:
+        raise DataError(source, line, None, "invalid JSON: nested too deeply to read") from None
+    if "\\u" in text:  # a lone surrogate can only come from a \u escape
+        bad = _lone_surrogate(value)
+        if bad is not None:
+            field, char = bad
+            reason = f"not valid Unicode: a lone surrogate {char!r} (half of a UTF-16 pair; no tokenizer or UTF-8 file can hold it)"
+            raise DataError(source, line, field, reason)
+    return value
+
+
+def _constant_position(text: str) -> int:
+    """Where the first NaN/Infinity token outside a string starts."""
+    in_string = escaped = False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "NI-" and text.startswith(("NaN", "Infinity", "-Infinity"), i):
+            return i
+    return 0
+
+
+def _lone_surrogate(value: Any) -> tuple[str | None, str] | None:
+    """(dotted field, character) of the first string (key or value) holding a lone surrogate, or None."""
+    stack: list[tuple[str | None, Any]] = [(None, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return where, item[e.start]
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                stack.append((where, k))
+                stack.append((k if where is None else f"{where}.{k}", v))
+        elif isinstance(item, list):
+            stack.extend((str(i) if where is None else f"{where}.{i}", v) for i, v in enumerate(item))
+    return None
 
 
 def _read_json_lines(f: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
@@ -83,10 +156,7 @@ def _read_json_lines(f: IO[bytes], source: str) -> Iterator[tuple[int, Any]]:
         text = _decode(raw, source, line).strip()
         if not text:
             continue
-        try:
-            yield line, json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(source, line, None, f"invalid JSON: {e.msg} at column {e.colno}") from None
+        yield line, parse_json(text, source, line)
 
 
 def _read_json_file(path: Path) -> Iterator[tuple[int, Any]]:
@@ -95,10 +165,7 @@ def _read_json_file(path: Path) -> Iterator[tuple[int, Any]]:
     text = _decode(raw, str(path), 1) if raw else ""
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, None, f"invalid JSON: {e.msg} at column {e.colno}") from None
+        records = parse_json(text, path)
         yield from enumerate(records, start=1)
         return
     yield from _read_json_lines(io.BytesIO(raw), str(path))
@@ -143,9 +210,39 @@ def _read_hub_dataset(source: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(ds, start=1)
 
 
+_GROUP: contextvars.ContextVar[list[tuple[str, Path]] | None] = contextvars.ContextVar("rlhfkit_output_group", default=None)
+
+
+@contextlib.contextmanager
+def output_group() -> Iterator[None]:
+    """All or none: every file written with `atomic_open` inside the block (so `write_jsonl`,
+    `write_json`, report.md, the plots) stays under its temporary name until the block ends, then
+    all are renamed into place together; an error inside the block leaves none of them. For the
+    commands with several outputs (rank-import's pairs, validation pairs and statistics; eval's
+    samples, report and plots). Groups nest: an inner group's files wait for the outer one."""
+    outer = _GROUP.get()
+    pending: list[tuple[str, Path]] = []
+    token = _GROUP.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    finally:
+        _GROUP.reset(token)
+    if outer is not None:
+        outer.extend(pending)
+        return
+    for tmp, path in pending:
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
+    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds
+    (inside an `output_group`, when the group succeeds).
 
     A crash, an exception or a SIGKILL inside the block leaves no file under the final name
     (at most a hidden ``.NAME.*.tmp`` beside it). ``-`` writes to stdout instead.
@@ -163,7 +260,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        group = _GROUP.get()
+        if group is not None:
+            group.append((tmp, path))
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ def get_field(record: dict, name: str, types: type | tuple[type, ...], *, requir
     # bool is an int in Python; never accept it where a number is meant
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         raise RecordError(prefix + name, f"expected {_type_names(types)}, got {type(value).__name__} {_short(value)}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN from a parquet column or a lenient JSON writer
+        raise RecordError(prefix + name, f"must be a finite number, got {value}")
     return value
 
 
@@ -267,7 +270,11 @@ def parse_comparison(record: dict) -> Comparison:
         prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
     if isinstance(chosen, list) and isinstance(prompt, str):
         raise RecordError("chosen", "a message list needs a message-list prompt")
+    if chosen == rejected:
+        raise RecordError("rejected", "the same as 'chosen' (a comparison needs two different completions)")
     margin = get_field(record, "margin", (int, float), required=False)
+    if margin is not None and margin < 0:
+        raise RecordError("margin", f"must be >= 0 (how much better 'chosen' is), got {margin}")
     optional = {
         k: get_field(record, k, (str, int), required=False) for k in ("group", "annotator", "chosen_policy", "rejected_policy")
     }
@@ -293,17 +300,27 @@ class Loaded(list):
 
 
 def iter_parsed(
-    source: str | os.PathLike, parse: Callable[[dict], T], *, skip_invalid: bool = False, counter: list[int] | None = None
+    source: str | os.PathLike,
+    parse: Callable[[dict], T],
+    *,
+    skip_invalid: bool = False,
+    counter: list[int] | None = None,
+    check: Callable[[T, int], None] | None = None,
 ) -> Iterator[tuple[int, T]]:
     """Parse every record of `source`; an invalid one raises DataError(file, line, field, reason).
 
-    With ``skip_invalid`` the bad record is dropped and counted in ``counter[0]`` instead.
+    ``check(item, line)`` sees every parsed record in order and raises RecordError for what only
+    the whole file can tell (a prompt id used twice). With ``skip_invalid`` the bad record is
+    dropped and counted in ``counter[0]`` instead.
     """
     for line, record in read_records(source):
         # a null field is an absent field (columnar sources have a null for every missing value)
         record = {k: v for k, v in record.items() if v is not None}
         try:
-            yield line, parse(record)
+            item = parse(record)
+            if check is not None:
+                check(item, line)
+            yield line, item
         except RecordError as e:
             if not skip_invalid:
                 raise DataError("<stdin>" if str(source) == "-" else source, line, e.field, e.reason) from None
@@ -311,14 +328,70 @@ def iter_parsed(
                 counter[0] += 1
 
 
-def load(source: str | os.PathLike, parse: Callable[[dict], T], *, skip_invalid: bool = False) -> Loaded:
+def load(
+    source: str | os.PathLike,
+    parse: Callable[[dict], T],
+    *,
+    skip_invalid: bool = False,
+    check: Callable[[T, int], None] | None = None,
+) -> Loaded:
     """All valid records of `source` (see `iter_parsed`). Raises DataError if none is valid."""
     counter = [0]
     out = Loaded()
-    for line, item in iter_parsed(source, parse, skip_invalid=skip_invalid, counter=counter):
+    for line, item in iter_parsed(source, parse, skip_invalid=skip_invalid, counter=counter, check=check):
         out.append(item)
         out.lines.append(line)
     out.skipped = counter[0]
     if not out:
         raise DataError(source, None, None, f"no valid records ({out.skipped} invalid skipped)")
     return out
+
+
+# --- one validator per data kind ------------------------------------------------------------------
+
+
+def unique_prompt_ids() -> Callable[[Prompt, int], None]:
+    """A prompts file names each prompt once (collect, ppo and eval key their outputs by prompt id)."""
+    first: dict[str, int] = {}
+
+    def check(prompt: Prompt, line: int) -> None:
+        if prompt.id in first:
+            raise RecordError("id", f"duplicate prompt id {prompt.id!r} (also line {first[prompt.id]})")
+        first[prompt.id] = line
+
+    return check
+
+
+def unique_sample_ids() -> Callable[[Samples, int], None]:
+    """A samples file holds each prompt once, and each completion id under one prompt only (a
+    ranking names completions by id)."""
+    first: dict[str, int] = {}
+    prompt_of: dict[str, str] = {}
+
+    def check(sample: Samples, line: int) -> None:
+        if sample.prompt_id in first:
+            raise RecordError("prompt_id", f"duplicate prompt id {sample.prompt_id!r} (also line {first[sample.prompt_id]})")
+        for i, c in enumerate(sample.completions):
+            if prompt_of.get(c.id, sample.prompt_id) != sample.prompt_id:
+                raise RecordError(f"completions.{i}.id", f"completion id {c.id!r} also belongs to prompt {prompt_of[c.id]!r}")
+        first[sample.prompt_id] = line
+        prompt_of.update((c.id, sample.prompt_id) for c in sample.completions)
+
+    return check
+
+
+# kind -> (record parser, factory of the whole-file check or None)
+KINDS: dict[str, tuple[Callable[[dict], Any], Callable[[], Callable[[Any, int], None]] | None]] = {
+    "demonstrations": (parse_demonstration, None),
+    "prompts": (parse_prompt, unique_prompt_ids),
+    "samples": (parse_samples, unique_sample_ids),
+    "comparisons": (parse_comparison, None),
+}
+
+
+def load_kind(source: str | os.PathLike, kind: str, *, skip_invalid: bool = False) -> Loaded:
+    """The one validator of a data kind (``demonstrations``, ``prompts``, ``samples``,
+    ``comparisons``): every record parsed, then the whole-file checks. ``rlhfkit validate --kind
+    KIND`` and every stage that reads KIND call this, so what one rejects the other rejects."""
+    parse, make_check = KINDS[kind]
+    return load(source, parse, skip_invalid=skip_invalid, check=make_check() if make_check is not None else None)

@@ -67,7 +67,9 @@ class LabelConfig(CommonConfig):
             raise ConfigError("SAMPLES is required (the collect output to label)")
         self.require("out")
         if self.out == "-":
-            raise ConfigError("--out: a file name is needed (the page appends to it and resumes from it; --export writes two files)")
+            raise ConfigError(
+                "--out: a file name is needed (the page appends to it and resumes from it; --export writes two files)"
+            )
         self.one_of("mode", Mode)
         if self.export is not None:
             self.one_of("export", Export)
@@ -133,7 +135,9 @@ def run(config: LabelConfig) -> dict:
     # 2. the rankings so far (a torn last line cut off), the tasks, who has done what
     store = RankingsStore(config.out)
     if store.torn_bytes:
-        console.print(f"{config.out}: cut off a torn last line ({store.torn_bytes} bytes, never acknowledged)", style="yellow", markup=False)
+        console.print(
+            f"{config.out}: cut off a torn last line ({store.torn_bytes} bytes, never acknowledged)", style="yellow", markup=False
+        )
     labeler = Labeler(
         samples,
         store,
@@ -149,7 +153,9 @@ def run(config: LabelConfig) -> dict:
     try:
         sock = bind(config.host, config.port)
     except OSError as e:
-        raise ConfigError(f"--host {config.host} --port {config.port}: cannot listen ({e.strerror}); --port 0 picks a free port") from None
+        raise ConfigError(
+            f"--host {config.host} --port {config.port}: cannot listen ({e.strerror}); --port 0 picks a free port"
+        ) from None
     port = sock.getsockname()[1]
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)  # the first submission creates the file
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -159,7 +165,9 @@ def run(config: LabelConfig) -> dict:
         what = f"{len(labeler.tasks)} tasks from {len(samples)} prompts, --mode {config.mode}"
         if labeler.too_few:
             what += f" ({labeler.too_few} prompts with fewer than 2 completions left out)"
-        console.print(f"rlhfkit label: {what}; {len(store.records)} judgements already in {config.out}", highlight=False, soft_wrap=True)
+        console.print(
+            f"rlhfkit label: {what}; {len(store.records)} judgements already in {config.out}", highlight=False, soft_wrap=True
+        )
         query = f"token={token}" if token else ""  # printed once: the only place the generated token appears
         for name in names or [""]:
             params = "&".join(p for p in (f"annotator={quote(name)}" if name else "", query) if p)

@@ -165,7 +165,11 @@ def write(config: LabelConfig, samples: Sequence[Samples]) -> dict[str, Any]:
                 guidelines = Path(config.guidelines).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise DataError(config.guidelines, None, None, f"cannot read the guidelines ({e.__class__.__name__})") from None
-        extra, key, content = sibling(config.out, ".settings.json"), "settings", json.dumps(argilla_settings(k, guidelines), indent=2)
+        extra, key, content = (
+            sibling(config.out, ".settings.json"),
+            "settings",
+            json.dumps(argilla_settings(k, guidelines), indent=2),
+        )
     if not tasks:
         raise ConfigError("nothing to export: no prompt in the samples file has 2 or more completions")
     with files.atomic_open(extra) as f:

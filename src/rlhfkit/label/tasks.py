@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Sequence
@@ -24,14 +23,14 @@ from itertools import combinations
 
 from rlhfkit.data.records import Samples
 from rlhfkit.errors import ConfigError
+from rlhfkit.seeds import row_seed
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")  # an annotator's name: safe in a URL, a file and a log
 
 
 def seeded_rng(*parts: object) -> random.Random:
     """A Random whose state depends only on ``parts`` (not on PYTHONHASHSEED or the process)."""
-    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode("utf-8")).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+    return random.Random(row_seed(*parts, scheme="hex64"))
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,9 @@ def check_names(names: Sequence[str]) -> list[str]:
     seen: set[str] = set()
     for name in names:
         if not NAME.fullmatch(name):
-            raise ConfigError(f"--annotator {name!r}: a name is 1-64 letters, digits or . _ @ - (starting with a letter or digit)")
+            raise ConfigError(
+                f"--annotator {name!r}: a name is 1-64 letters, digits or . _ @ - (starting with a letter or digit)"
+            )
         if name in seen:
             raise ConfigError(f"--annotator {name!r} given twice")
         seen.add(name)

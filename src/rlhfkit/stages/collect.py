@@ -9,9 +9,14 @@
    not on the batch it shared: the same seed gives the same file, interrupted or not;
 4. per prompt: drop repeated texts (``--dedup``), shuffle all policies' completions together
    (blind labeling, deterministic given the seed), append the line to the partial file;
-5. at the end, sort the lines in prompt order and write OUT atomically; remove the partial file.
+5. at the end, sort the lines in prompt order and write OUT atomically; remove the partial file;
+6. ``--select N --select-by RM``: steps 1-5 write every prompt's line to the pool file
+   (``OUT`` with ``.pool`` before its extension, resumable as OUT is); a reward-model ensemble
+   scores every completion with each member, and OUT gets only the N prompts whose completions
+   the members disagree on most (`disagreement`), each line as sampled (blind order unchanged),
+   in prompt order. Labels spent there teach the reward model most (query by committee).
 
-``--out -`` streams each line to stdout as soon as its prompt is done (no resume).
+``--out -`` streams each line to stdout as soon as its prompt is done (no resume, no ``--select``).
 
 A completion's ``num_tokens`` counts the generated tokens, the stop token included; ``logprob`` is
 their summed log-probability under the sampling distribution (logits / temperature, before top-k/p).
@@ -59,6 +64,7 @@ def sampling_settings(config: CollectConfig, policies: Sequence[PolicySpec]) -> 
         "seed": config.seed,
         "policies": [p.name for p in policies],
         "dedup": config.dedup,
+        "chat_template": config.chat_template,
     }
 
 
@@ -86,19 +92,12 @@ def dedup(completions: list[Completion]) -> list[Completion]:
     return out
 
 
-def load_prompts(config: CollectConfig) -> list[Prompt]:
-    prompts = records.load(config.prompts, records.parse_prompt, skip_invalid=config.skip_invalid)
-    first: dict[str, int] = {}
-    out = []
-    for prompt, line in zip(prompts, prompts.lines):
-        if prompt.id in first:
-            reason = f"duplicate prompt id {prompt.id!r} (also line {first[prompt.id]})"
-            if not config.skip_invalid:
-                raise DataError("<stdin>" if config.prompts == files.STDIO else config.prompts, line, "id", reason)
-            continue
-        first[prompt.id] = line
-        out.append(prompt)
-    return out[: config.max_prompts] if config.max_prompts else out
+def load_prompts(config: CollectConfig) -> records.Loaded:
+    """The prompts (with their lines), checked as `rlhfkit validate --kind prompts` checks them."""
+    loaded = records.load_kind(config.prompts, "prompts", skip_invalid=config.skip_invalid)
+    if config.max_prompts:
+        del loaded[config.max_prompts :], loaded.lines[config.max_prompts :]
+    return loaded
 
 
 # --- output: incremental, resumable, atomic at the end ------------------------------------------
@@ -111,7 +110,8 @@ class SamplesWriter:
     sorted in prompt order and written to OUT atomically, and the partial file is removed. A run
     that is killed leaves OUT as it was (absent, or the previous complete file) plus the partial
     file; the next run with the same OUT reads both and skips the prompts they hold.
-    To ``-``: lines go to stdout in prompt order; nothing is resumed.
+    To ``-``: lines go to stdout in prompt order; nothing is resumed. The partial file is created
+    with the first new line: a run that fails before sampling anything leaves no file behind.
     """
 
     def __init__(self, out: str, sampling: dict[str, Any]):
@@ -127,13 +127,17 @@ class SamplesWriter:
         previous = self._read(path) if path.exists() else {}
         partial = self._read(self.partial, cut_half_line=True) if self.partial.exists() else {}
         self.lines = {**previous, **partial}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # open across the whole run; closed by finish/close
-        self.stream = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115
-        for pid, line in previous.items():  # OUT's lines join the partial file, so that it holds everything
-            if pid not in partial:
-                self.stream.write(files.dumps(line) + "\n")
-        self.stream.flush()
+        self.carried = [line for pid, line in previous.items() if pid not in partial]  # OUT's lines, for the partial file
+        self.stream = None  # type: ignore[assignment]  # opened by the first write
+
+    def _open(self) -> IO[str]:
+        """The partial file, opened for the rest of the run (closed by finish/close); OUT's lines
+        join it first, so that it holds everything."""
+        if self.stream is None:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self.stream = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115
+            self.stream.writelines(files.dumps(line) + "\n" for line in self.carried)
+        return self.stream
 
     def _read(self, path: Path, cut_half_line: bool = False) -> dict[str, dict[str, Any]]:
         """The lines of a previous run by prompt id. A partial file may end in a half-written line
@@ -174,18 +178,19 @@ class SamplesWriter:
 
     def write(self, line: dict[str, Any]) -> None:
         self.lines[line["prompt_id"]] = line
-        self.stream.write(files.dumps(line) + "\n")
-        self.stream.flush()
+        stream = self._open()
+        stream.write(files.dumps(line) + "\n")
+        stream.flush()
 
     def sync(self) -> None:
-        if self.out != files.STDIO:
+        if self.out != files.STDIO and self.stream is not None:
             os.fsync(self.stream.fileno())
 
     def finish(self, order: Sequence[str]) -> int:
         """Write OUT in prompt order (lines of prompts not in ``order`` last); return the line count."""
         if self.out == files.STDIO:
             return len(self.lines)
-        self.stream.close()
+        self.close()
         rank = {pid: i for i, pid in enumerate(order)}
         ordered = sorted(self.lines.values(), key=lambda line: rank.get(line["prompt_id"], len(rank)))
         files.write_jsonl(self.out, ordered)
@@ -193,7 +198,7 @@ class SamplesWriter:
         return len(ordered)
 
     def close(self) -> None:
-        if self.out != files.STDIO and not self.stream.closed:
+        if self.out != files.STDIO and self.stream is not None and not self.stream.closed:
             self.stream.close()
 
 
@@ -222,6 +227,22 @@ def load_policies(specs: Sequence[PolicySpec], config: CollectConfig) -> list[Po
     return out
 
 
+def check_policy_prompts(
+    policies: Sequence[Policy], todo: Sequence[Prompt], prompts: records.Loaded, config: CollectConfig
+) -> None:
+    """`chat.check_prompts` for every policy: its tokenizer takes every prompt, and every prompt
+    leaves room for ``--max-new-tokens`` in its context (else an error at FILE:LINE)."""
+    from rlhfkit.chat import check_prompts
+    from rlhfkit.models import context_length
+
+    line_of = dict(zip((p.id for p in prompts), prompts.lines))
+    source = "<stdin>" if config.prompts == files.STDIO else config.prompts
+    for policy in policies:
+        lines = [line_of[p.id] for p in todo]
+        check_prompts(policy.tokenizer, [p.prompt for p in todo], source=source, lines=lines, mode=config.chat_template,
+                      context=context_length(policy.model), max_new_tokens=config.max_new_tokens)  # fmt: skip
+
+
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -246,7 +267,7 @@ def sample_policy(
 
     name = policy.spec.name
     rows = [(p, k) for p in prompts for k in range(config.k)]
-    ids = {p.id: encode_prompt(policy.tokenizer, p.prompt) for p in prompts}
+    ids = {p.id: encode_prompt(policy.tokenizer, p.prompt, config.chat_template) for p in prompts}
     out: dict[str, list[Completion]] = {p.id: [] for p in prompts}
     for batch in _chunks(rows, config.batch_size):
         start = time.perf_counter()
@@ -289,7 +310,9 @@ def run(config: CollectConfig) -> dict[str, Any]:
     specs = parse_policies(config.policy)
     prompts = load_prompts(config)
     sampling = sampling_settings(config, specs)
-    writer = SamplesWriter(config.out, sampling)
+    if config.select:
+        check_select_by(config)  # before any sampling
+    writer = SamplesWriter(pool_path(config.out) if config.select else config.out, sampling)
     try:
         resumed = len(writer.done & {p.id for p in prompts})
         todo = [p for p in prompts if p.id not in writer.done]
@@ -298,6 +321,7 @@ def run(config: CollectConfig) -> dict[str, Any]:
         finish = {"stop": 0, "length": 0}
         if todo:
             policies = load_policies(specs, config)
+            check_policy_prompts(policies, todo, prompts, config)  # every prompt fits every policy, before any sampling
             # enough prompts per chunk to fill a batch with their K completions
             per_chunk = max(1, config.batch_size // config.k)
             with progress_bar("collect", total=len(todo)) as bar:
@@ -317,12 +341,17 @@ def run(config: CollectConfig) -> dict[str, Any]:
         lines = writer.finish([p.id for p in prompts])
     finally:
         writer.close()
+    selection = None
+    if config.select:  # 6. OUT gets the prompts the ensemble disagrees on most
+        selection = select_prompts(config, [writer.lines[p.id] for p in prompts if p.id in writer.lines])
+        lines = selection["selected"]
     return {
         "out": config.out,
         "prompts": len(prompts),
         "collected": len(todo),
         "resumed": resumed,
         "lines": lines,
+        **({"select": selection} if selection is not None else {}),
         "completions": completions,
         "duplicates_dropped": dropped,
         "finish_reason": finish,
@@ -331,3 +360,120 @@ def run(config: CollectConfig) -> dict[str, Any]:
         "seconds": round(meter.seconds, 3),
         "tokens_per_s": round(meter.tokens_per_s, 1),
     }
+
+
+# --- 6. the prompts worth labelling (--select) ----------------------------------------------------
+
+
+def pool_path(out: str) -> str:
+    """Where ``--select`` keeps every prompt's line: ``.pool`` before OUT's extension.
+
+    ``samples.jsonl`` -> ``samples.pool.jsonl``, ``s.jsonl.gz`` -> ``s.pool.jsonl.gz``, ``s`` -> ``s.pool``.
+    """
+    path = Path(out)
+    for ext in (".jsonl.gz", ".jsonl", ".json"):
+        if path.name.endswith(ext):
+            return str(path.with_name(path.name[: -len(ext)] + ".pool" + ext))
+    return str(path.with_name(path.name + ".pool"))
+
+
+def check_select_by(config: CollectConfig) -> None:
+    """``--select-by`` must be a reward-model ensemble (its members' disagreement is what selects)."""
+    from rlhfkit.scoring import ENSEMBLE_FILE
+
+    if not (Path(config.select_by) / ENSEMBLE_FILE).is_file():
+        raise ConfigError(
+            f"--select-by {config.select_by}: not a reward-model ensemble (no {ENSEMBLE_FILE}); one model has no "
+            "disagreement to select by: train-rm --ensemble M makes one"
+        )
+
+
+def disagreement(member_scores: Any) -> float | None:
+    """How much the members of a reward ensemble disagree about one prompt's completions.
+
+    For every pair (i, j) of the prompt's K completions, each member m prefers one by
+    d_m = s_{m,i} − s_{m,j} (its normalised scores); the pair's disagreement is the std over the
+    members of d_m (population std), and the prompt's is the mean over its K·(K−1)/2 pairs. It is
+    large where the members would order the completions differently — the comparisons a labeller's
+    ranking resolves — and it ignores what the members agree on (a shift of every score by the same
+    member-specific constant cancels in d_m). None for fewer than two completions (nothing to rank).
+
+    Example, K = 2 completions, M = 2 members: scores (1, 3) and (0, 0) give d = (1, 3), std 1.0;
+    K = 3 with member scores (0, 0), (1, −1), (2, 2): pairs d = (−1, 1), (−2, −2), (−1, −3) with stds
+    1, 0, 1, so the prompt's disagreement is 2/3.
+
+    Shapes: ``member_scores`` (K, M).
+    """
+    import torch
+
+    K = member_scores.size(0)
+    if K < 2:
+        return None
+    d = member_scores[:, None, :] - member_scores[None, :, :]  # (K, K, M): d_m for every ordered pair
+    i, j = torch.triu_indices(K, K, offset=1)
+    return float(d[i, j].std(-1, unbiased=False).mean())
+
+
+def select_prompts(config: CollectConfig, lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Score every completion of ``lines`` (the pool, in prompt order) with each ensemble member,
+    write the ``--select`` prompts with the highest `disagreement` to OUT (the first of equal ones;
+    prompts with fewer than two completions last), and return the selection's statistics."""
+    import torch
+
+    from rlhfkit.console import console
+    from rlhfkit.models import resolve_device, resolve_dtype
+    from rlhfkit.reward import load_reward
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    reward = load_reward(config.select_by, None, device, dtype, trust_remote_code=config.trust_remote_code,
+                         batch_size=config.batch_size, chat_template=config.chat_template)  # fmt: skip
+    if reward.members < 2:
+        raise ConfigError(f"--select-by {config.select_by}: {reward.members} member; an ensemble has several")
+    rows = [(n, c) for n, line in enumerate(lines) for c in line["completions"]]
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start : start + config.batch_size]
+            scores.append(
+                reward.member_scores(
+                    [lines[n]["prompt"] for n, _ in chunk], [c["text"] for _, c in chunk],
+                    stopped=[c.get("finish_reason") != "length" for _, c in chunk],
+                ).float().cpu()
+            )  # fmt: skip
+    members = torch.cat(scores) if scores else torch.zeros(0, reward.members)  # (completions, M)
+    per_line: list[float | None] = []
+    first = 0
+    for line in lines:
+        k = len(line["completions"])
+        per_line.append(disagreement(members[first : first + k]))
+        first += k
+    order = sorted(range(len(lines)), key=lambda n: (per_line[n] is None, -(per_line[n] or 0.0), n))
+    chosen = sorted(order[: config.select])
+    files.write_jsonl(config.out, [lines[n] for n in chosen])
+    known = [v for v in per_line if v is not None]
+    kept = [per_line[n] for n in chosen if per_line[n] is not None]
+    stats = {
+        "by": config.select_by,
+        "members": reward.members,
+        "pool": len(lines),
+        "pool_out": pool_path(config.out),
+        "selected": len(chosen),
+        "disagreement": {
+            "selected_mean": sum(kept) / len(kept) if kept else None,
+            "pool_mean": sum(known) / len(known) if known else None,
+            "cutoff": min(kept) if kept else None,
+        },
+        "prompts": [{"prompt_id": lines[n]["prompt_id"], "disagreement": per_line[n]} for n in chosen],
+    }
+    d = stats["disagreement"]
+    if kept:
+        console.print(
+            f"select: {len(chosen)} of {len(lines)} prompts by the disagreement of {reward.members} reward models "
+            f"(mean {d['selected_mean']:.4g}, cut-off {d['cutoff']:.4g}; {d['pool_mean']:.4g} over all); "
+            f"every prompt's samples are in {stats['pool_out']}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+    return stats

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import EvalConfig, named_path
-from rlhfkit.errors import RlhfkitError
 from rlhfkit.seeds import row_seed
 from rlhfkit.stages.eval_sampling import (
     Player,
@@ -70,34 +69,33 @@ def run(config: EvalConfig) -> dict[str, Any]:
     """Phases 1-6; the result dict (the CLI prints it as JSON)."""
     import torch
 
+    from rlhfkit.config import check_outputs, is_script, parse_script_spec
     from rlhfkit.console import console
-    from rlhfkit.data.records import load, parse_demonstration, parse_prompt
+    from rlhfkit.data.records import load_kind
     from rlhfkit.models import resolve_device, resolve_dtype
 
     config.check()
     started = time.perf_counter()
+    out = Path(config.out) if config.out else None
+    rm_path = parse_script_spec(config.rm)[0] if is_script(config.rm) else config.rm
+    inputs = [("--prompts", config.prompts), ("--demos", config.demos), ("--checkpoints", config.checkpoints), ("--rm", rm_path),
+              ("--baseline", named_path(config.baseline, "--baseline")[1])]  # fmt: skip
+    inputs += [("--policy", named_path(p)[1]) for p in config.policy]
+    check_outputs([("--out", str(out / name), "file") for name in OUT_FILES] if out is not None else [], inputs)
     # the inputs first: a bad record or checkpoint fails before any model is loaded
-    prompts = load(config.prompts, parse_prompt, skip_invalid=config.skip_invalid)
+    prompts = load_kind(config.prompts, "prompts", skip_invalid=config.skip_invalid)
     items = list(prompts)[: config.max_prompts] if config.max_prompts else list(prompts)
-    seen: dict[str, int] = {}
-    for i, p in enumerate(items):
-        if p.id in seen:
-            raise RlhfkitError(f"{config.prompts}:{prompts.lines[i]}: field 'id': duplicate prompt id {p.id!r} (also line {prompts.lines[seen[p.id]]})")
-        seen[p.id] = i
-    demos = load(config.demos, parse_demonstration, skip_invalid=config.skip_invalid) if config.demos else None
+    demos = load_kind(config.demos, "demonstrations", skip_invalid=config.skip_invalid) if config.demos else None
     checkpoints = find_checkpoints(config.checkpoints) if config.checkpoints else []
     for _, path in checkpoints:
         checkpoint_config(config.checkpoints, path)  # each names the policy it started from
-    out = Path(config.out) if config.out else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     rows = [(i, j) for i in range(len(items)) for j in range(config.n_samples)]
     kl_temperature = config.temperature if config.temperature > 0 else 1.0
-    sampler = Sampler(config, items, rows, device, dtype, kl_temperature, console)
+    sampler = Sampler(config, items, rows, device, dtype, kl_temperature, console, lines=prompts.lines[: len(items)])
 
     # 1.-2. every model samples the same rows; its scores, KL to the baseline, lengths, perplexity
     with torch.no_grad():
@@ -106,10 +104,20 @@ def run(config: EvalConfig) -> dict[str, Any]:
         if config.rm:
             from rlhfkit.reward import load_reward
 
-            sampler.reward = load_reward(config.rm, sampler.base_tok, device, dtype, trust_remote_code=config.trust_remote_code, batch_size=config.batch_size)
+            sampler.reward = load_reward(
+                config.rm,
+                sampler.base_tok,
+                device,
+                dtype,
+                trust_remote_code=config.trust_remote_code,
+                batch_size=config.batch_size,
+                chat_template=config.chat_template,
+            )
         sampler.sample_player(baseline, sampler.base_model, sampler.base_tok)
         if demos is not None:
-            baseline.perplexity = perplexity(sampler.base_model, sampler.base_tok, demos, config.batch_size, config.demos)
+            baseline.perplexity = perplexity(
+                sampler.base_model, sampler.base_tok, demos, config.batch_size, config.demos, config.chat_template
+            )
 
         # 5. best-of-n from the baseline
         best = None
@@ -123,14 +131,16 @@ def run(config: EvalConfig) -> dict[str, Any]:
             model, tok = sampler.load(player.path)
             sampler.sample_player(player, model, tok)
             if demos is not None:
-                player.perplexity = perplexity(model, tok, demos, config.batch_size, config.demos)
+                player.perplexity = perplexity(model, tok, demos, config.batch_size, config.demos, config.chat_template)
             policies.append(player)
             del model
 
         checkpoint_players = []
         for step, path in checkpoints:
             player = Player(f"step-{step}", str(path), kind="checkpoint", step=step)
-            model, tok = load_checkpoint_policy(config.checkpoints, path, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code)
+            model, tok = load_checkpoint_policy(
+                config.checkpoints, path, device=device, dtype=dtype, trust_remote_code=config.trust_remote_code
+            )
             model.eval()
             sampler.sample_player(player, model, tok)
             checkpoint_players.append(player)
@@ -142,21 +152,25 @@ def run(config: EvalConfig) -> dict[str, Any]:
         for r, (i, j) in enumerate(rows):
             player.completions[r]["id"] = completion_id(items[i].id, player.name, j, config.seed)
 
-    judgements = []
+    judgements, judge_answer = [], None
     if config.judge:
         from rlhfkit.judge import run_judge
 
         judge_input = judge_samples(items, rows, matched, config)
         console.print(f"[bold]judge[/] {config.judge} ({len(judge_input)} prompts)")
-        with tempfile.TemporaryDirectory(prefix="rlhfkit-eval-") as scratch:  # the raw answer is kept only with --out
-            answer = (out if out is not None else Path(scratch)) / "judge_rankings.jsonl"
+        with tempfile.TemporaryDirectory(prefix="rlhfkit-eval-") as scratch:  # the raw answer joins --out's files at the end
+            answer = Path(scratch) / "judge_rankings.jsonl"
             judgements = run_judge(config.judge, judge_input, answer, timeout=config.judge_timeout)
+            judge_answer = answer.read_text(encoding="utf-8")
 
     # 3.-5. win-rates, Elo and agreement from the matches; 6. the outputs
     result = assemble(config, items, rows, baseline, policies, best, checkpoint_players, judgements, kl_temperature)
-    result["throughput"] = {"tokens_per_s": sampler.tokens / max(1e-9, sampler.sampling_seconds), "seconds": time.perf_counter() - started}
+    result["throughput"] = {
+        "tokens_per_s": sampler.tokens / max(1e-9, sampler.sampling_seconds),
+        "seconds": time.perf_counter() - started,
+    }
     if out is not None:
-        result["files"] = write_outputs(result, out, items, rows, [*matched, *checkpoint_players], config)
+        result["files"] = write_outputs(result, out, items, rows, [*matched, *checkpoint_players], config, judge_answer)
     from rlhfkit.tracking import report_eval
 
     report_eval(config, result, out)  # --report-to: the report's numbers, samples and plots to the trackers
@@ -164,21 +178,33 @@ def run(config: EvalConfig) -> dict[str, Any]:
 
 
 def _sampling(config: EvalConfig) -> dict[str, Any]:
-    return {"temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "seed": config.seed}
+    return {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "chat_template": config.chat_template,
+    }
 
 
-def judge_samples(items: Sequence[Any], rows: Sequence[tuple[int, int]], players: Sequence[Player], config: EvalConfig) -> list[dict[str, Any]]:
+def judge_samples(
+    items: Sequence[Any], rows: Sequence[tuple[int, int]], players: Sequence[Player], config: EvalConfig
+) -> list[dict[str, Any]]:
     """One samples record per prompt with the completions of every model, shuffled and without
     the ``policy`` field: the judge cannot tell which model wrote what."""
     by_prompt: dict[int, list[dict[str, Any]]] = {}
     for r, (i, _) in enumerate(rows):
         for p in players:
             c = p.completions[r]
-            by_prompt.setdefault(i, []).append({"id": c["id"], "text": c["text"], "finish_reason": c["finish_reason"], "num_tokens": c["num_tokens"]})
+            by_prompt.setdefault(i, []).append(
+                {"id": c["id"], "text": c["text"], "finish_reason": c["finish_reason"], "num_tokens": c["num_tokens"]}
+            )
     records = []
     for i, completions in by_prompt.items():
         random.Random(row_seed(config.seed, items[i].id, "judge", scheme="sha63")).shuffle(completions)
-        records.append({"prompt_id": items[i].id, "prompt": items[i].prompt, "completions": completions, "sampling": _sampling(config)})
+        records.append(
+            {"prompt_id": items[i].id, "prompt": items[i].prompt, "completions": completions, "sampling": _sampling(config)}
+        )
     return records
 
 
@@ -248,13 +274,13 @@ def assemble(
         matches["judge"] = judged
 
     # 4. win-rates against the baseline (with the RM's accuracy on the judge's preferences), Elo
+    interval = {"method": config.interval, "confidence": config.confidence, "n_bootstrap": config.bootstrap, "seed": config.seed}
+
     def with_wins(player: Player, stats: dict[str, Any]) -> dict[str, Any]:
         stats["win_rate"] = {}
         for source, ms in matches.items():
             outcomes, clusters = player_outcomes(ms, player.name, baseline.name)
-            stats["win_rate"][source] = win_rate(
-                outcomes, clusters, method=config.interval, confidence=config.confidence, n_bootstrap=config.bootstrap, seed=config.seed
-            )
+            stats["win_rate"][source] = win_rate(outcomes, clusters, **interval)
         if config.rm and config.judge:
             stats["agreement"] = rm_accuracy(agreement_pairs[player.name])
         return stats
@@ -290,14 +316,52 @@ def assemble(
         "checkpoints": checkpoint_stats,
         "elo": elo,
         "agreement": rm_accuracy(all_pairs) if config.rm and config.judge else None,
-        "judge": {"command": config.judge, "judgements": len(judgements), "prompts_judged": len({j.prompt_id for j in judgements})} if config.judge else None,
+        "judge": (
+            {"command": config.judge, "judgements": len(judgements), "prompts_judged": len({j.prompt_id for j in judgements})}
+            if config.judge
+            else None
+        ),
     }
 
 
-def write_outputs(result: dict[str, Any], out: Path, items: Sequence[Any], rows: Sequence[tuple[int, int]], players: Sequence[Player], config: EvalConfig) -> dict[str, Any]:
+def write_outputs(
+    result: dict[str, Any],
+    out: Path,
+    items: Sequence[Any],
+    rows: Sequence[tuple[int, int]],
+    players: Sequence[Player],
+    config: EvalConfig,
+    judge_answer: str | None = None,
+) -> dict[str, Any]:
     """``samples.jsonl`` (every completion, with its model, score and KL), ``report.md``, the
-    plots and ``report.json`` (this result) in ``out``; returns their paths."""
-    from rlhfkit.data.files import write_json, write_jsonl
+    plots, ``report.json`` (this result) and the judge's raw answer in ``out``, all or none
+    (`data.files.output_group`); returns their paths."""
+    from rlhfkit.data.files import output_group
+
+    existed = out.exists()
+    try:
+        with output_group():
+            return _write_outputs(result, out, items, rows, players, config, judge_answer)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+# what eval may write in --out (`config.check_outputs` refuses an input among them)
+OUT_FILES = ("samples.jsonl", "report.json", "report.md", "judge_rankings.jsonl", "reward_vs_kl.png", "winrate.png", "elo.png")
+
+
+def _write_outputs(
+    result: dict[str, Any],
+    out: Path,
+    items: Sequence[Any],
+    rows: Sequence[tuple[int, int]],
+    players: Sequence[Player],
+    config: EvalConfig,
+    judge_answer: str | None,
+) -> dict[str, Any]:
+    from rlhfkit.data.files import atomic_open, write_json, write_jsonl
     from rlhfkit.report import write_report
 
     def records():
@@ -307,13 +371,18 @@ def write_outputs(result: dict[str, Any], out: Path, items: Sequence[Any], rows:
                 for r in range(i * config.n_samples, (i + 1) * config.n_samples):
                     c = p.completions[r]
                     cid = c.get("id") or completion_id(item.id, p.name, rows[r][1], config.seed)
-                    completions.append({"id": cid, "text": c["text"], "policy": p.name, "finish_reason": c["finish_reason"], "num_tokens": c["num_tokens"],
-                                        "logprob": c["logprob"], "score": c["score"], "kl": c["kl"], "sample": rows[r][1]})  # fmt: skip
+                    completions.append({
+                        "id": cid, "text": c["text"], "policy": p.name, "finish_reason": c["finish_reason"],
+                        "num_tokens": c["num_tokens"], "logprob": c["logprob"], "score": c["score"], "kl": c["kl"],
+                        "sample": rows[r][1],
+                    })  # fmt: skip
             yield {"prompt_id": item.id, "prompt": item.prompt, "completions": completions, "sampling": _sampling(config)}
 
     files: dict[str, Any] = {"samples": str(out / "samples.jsonl"), "report_json": str(out / "report.json")}
     write_jsonl(out / "samples.jsonl", records())
-    if config.judge:
+    if judge_answer is not None:
+        with atomic_open(out / "judge_rankings.jsonl") as f:
+            f.write(judge_answer)
         files["judge_rankings"] = str(out / "judge_rankings.jsonl")
     result["files"] = files
     files.update(write_report(result, out))

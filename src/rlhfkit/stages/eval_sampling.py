@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -67,7 +66,9 @@ def find_checkpoints(run_dir: str) -> list[tuple[int, Path]]:
 
 def checkpoint_config(run_dir: str, checkpoint: Path) -> dict[str, Any]:
     """The ppo config that made a checkpoint (its input policy and LoRA settings)."""
-    state = json.loads((checkpoint / "state.json").read_text())
+    from rlhfkit.training import read_state
+
+    state = read_state(checkpoint)
     config = state.get("config") or {}
     if not config.get("policy"):
         from rlhfkit.provenance import read_run_info
@@ -78,7 +79,9 @@ def checkpoint_config(run_dir: str, checkpoint: Path) -> dict[str, Any]:
     return config
 
 
-def load_checkpoint_policy(run_dir: str, checkpoint: Path, *, device: Any, dtype: Any, trust_remote_code: bool) -> tuple[Any, Any]:
+def load_checkpoint_policy(
+    run_dir: str, checkpoint: Path, *, device: Any, dtype: Any, trust_remote_code: bool
+) -> tuple[Any, Any]:
     """A ppo checkpoint's policy: its base policy with the checkpoint's weights on top (all of them,
     or only the trainable ones: LoRA adapters are applied with the run's settings, then merged)."""
     from safetensors.torch import load_file
@@ -89,7 +92,10 @@ def load_checkpoint_policy(run_dir: str, checkpoint: Path, *, device: Any, dtype
     spec = str(config["policy"])
     model = load_model(spec, "causal-lm", dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
-    weights = load_file(str(checkpoint / "policy.safetensors"), device=str(device))
+    try:
+        weights = load_file(str(checkpoint / "policy.safetensors"), device=str(device))
+    except Exception as e:  # a damaged file: safetensors raises its own error type
+        raise RlhfkitError(f"{checkpoint}/policy.safetensors: cannot read it ({type(e).__name__}: {str(e)[:200]})") from e
     if any("lora_" in k for k in weights):
         model = apply_lora(
             model,
@@ -99,7 +105,9 @@ def load_checkpoint_policy(run_dir: str, checkpoint: Path, *, device: Any, dtype
         )
     _, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:
-        raise RlhfkitError(f"{checkpoint}/policy.safetensors: weights that the policy {spec} does not have (e.g. {unexpected[0]!r})")
+        raise RlhfkitError(
+            f"{checkpoint}/policy.safetensors: weights that the policy {spec} does not have (e.g. {unexpected[0]!r})"
+        )
     return merged(model), tokenizer
 
 
@@ -118,8 +126,12 @@ class Sampler:
     """What every model's sampling shares: prompts, rows, device, the baseline and the reward; it
     counts the tokens sampled and the seconds spent (the throughput of the report)."""
 
-    def __init__(self, config: EvalConfig, items: list, rows: list, device: Any, dtype: Any, kl_temperature: float, console: Any):
+    def __init__(
+        self, config: EvalConfig, items: list, rows: list, device: Any, dtype: Any, kl_temperature: float, console: Any,
+        lines: list[int] | None = None,
+    ):  # fmt: skip
         self.config, self.items, self.rows = config, items, rows
+        self.lines = lines if lines is not None else list(range(1, len(items) + 1))  # each prompt's line in --prompts
         self.device, self.dtype, self.kl_temperature, self.console = device, dtype, kl_temperature, console
         self.reward: Any = None
         self.base_model: Any = None
@@ -130,25 +142,38 @@ class Sampler:
     def load(self, path: str) -> tuple[Any, Any]:
         from rlhfkit.models import disable_dropout, load_model, load_tokenizer
 
-        model = load_model(path, "causal-lm", dtype=self.dtype, device=self.device, trust_remote_code=self.config.trust_remote_code)
+        model = load_model(
+            path, "causal-lm", dtype=self.dtype, device=self.device, trust_remote_code=self.config.trust_remote_code
+        )
         disable_dropout(model)
         model.eval()
         return model, load_tokenizer(path, trust_remote_code=self.config.trust_remote_code)
 
     def sample_player(self, player: Player, model: Any, tokenizer: Any) -> None:
         """Sample every row; score, measure KL to the baseline, and keep one dict per row."""
+        from rlhfkit.chat import check_prompts
+        from rlhfkit.models import context_length
+
+        source = "<stdin>" if self.config.prompts == "-" else self.config.prompts
+        prompts = [it.prompt for it in self.items]  # each fits this model, checked before it samples:
+        check_prompts(tokenizer, prompts, source=source, lines=self.lines, mode=self.config.chat_template,
+                      context=context_length(model), max_new_tokens=self.config.max_new_tokens)  # fmt: skip
         seeds = [row_seed(self.config.seed, self.items[i].id, j, scheme="sha63") for i, j in self.rows]
         is_base = player.kind == "baseline"
         same_vocab = is_base or tokenizer.get_vocab() == self.base_tok.get_vocab()
         if not same_vocab:
             self.console.print(f"[yellow]warning:[/] {player.name}: its tokenizer differs from the baseline's; no KL reported")
-        player.completions = self._generate(player.name, model, tokenizer, [i for i, _ in self.rows], seeds, kl=not is_base and same_vocab, same_vocab=same_vocab)
+        player.completions = self._generate(
+            player.name, model, tokenizer, [i for i, _ in self.rows], seeds, kl=not is_base and same_vocab, same_vocab=same_vocab
+        )
 
     def sample_best_of(self, player: Player, model: Any, tokenizer: Any) -> None:
         """N fresh baseline samples per row (seeds of their own); keep the RM's favourite."""
         n = self.config.best_of
         index = [i for i, _ in self.rows for _ in range(n)]
-        seeds = [row_seed(self.config.seed, self.items[i].id, j, "best-of", k, scheme="sha63") for i, j in self.rows for k in range(n)]
+        seeds = [
+            row_seed(self.config.seed, self.items[i].id, j, "best-of", k, scheme="sha63") for i, j in self.rows for k in range(n)
+        ]
         samples = self._generate(player.name, model, tokenizer, index, seeds, kl=False, same_vocab=True)
         player.completions, player.best_of_scores = [], []
         for r in range(len(self.rows)):
@@ -159,17 +184,19 @@ class Sampler:
             chosen["kl"] = None
             player.completions.append(chosen)
 
-    def _generate(self, name: str, model: Any, tokenizer: Any, prompt_index: list[int], seeds: list[int], *, kl: bool, same_vocab: bool) -> list[dict[str, Any]]:
+    def _generate(
+        self, name: str, model: Any, tokenizer: Any, prompt_index: list[int], seeds: list[int], *, kl: bool, same_vocab: bool
+    ) -> list[dict[str, Any]]:
         """Sample one completion per entry of ``prompt_index`` (with its seed) in batches; return
         ``{text, finish_reason, num_tokens, logprob, score, kl}`` per entry. ``same_vocab``: the
         token ids are the baseline's vocabulary (the reward model may score them directly)."""
         from rlhfkit.chat import encode_prompt
         from rlhfkit.console import progress_bar
-        from rlhfkit.generation import sample, sequence_logprobs
+        from rlhfkit.generation import policy_logprobs, sample
         from rlhfkit.losses import kl_estimate
 
         config = self.config
-        encoded = {i: encode_prompt(tokenizer, self.items[i].prompt) for i in set(prompt_index)}
+        encoded = {i: encode_prompt(tokenizer, self.items[i].prompt, config.chat_template) for i in set(prompt_index)}
         stop_ids = _stop_ids(tokenizer, model)
         pad = tokenizer.pad_token_id
         out: list[dict[str, Any]] = []
@@ -192,11 +219,11 @@ class Sampler:
                 self.tokens += sum(lengths)
                 texts = [rollout.completion_text(b, tokenizer, stop_ids) for b in range(len(batch))]
                 args = (rollout.query, rollout.query_mask, rollout.response, rollout.response_mask)
-                logprobs, _ = sequence_logprobs(model, *args, temperature=self.kl_temperature)  # (B, T)
+                logprobs = policy_logprobs(model, *args, self.kl_temperature)[0]  # (B, T)
                 logprob = logprobs.sum(1).tolist()
                 kls: list[float | None] = [None] * len(batch)
                 if kl:
-                    ref_logprobs, _ = sequence_logprobs(self.base_model, *args, temperature=self.kl_temperature)
+                    ref_logprobs = policy_logprobs(self.base_model, *args, self.kl_temperature)[0]
                     kls = (kl_estimate(logprobs, ref_logprobs, "k1") * rollout.response_mask).sum(1).tolist()  # (B,) per sequence
                 elif model is self.base_model:
                     kls = [0.0] * len(batch)
@@ -221,7 +248,7 @@ class Sampler:
         return out
 
 
-def perplexity(model: Any, tokenizer: Any, demos: Any, batch_size: int, source: str) -> float:
+def perplexity(model: Any, tokenizer: Any, demos: Any, batch_size: int, source: str, chat_template: str = "auto") -> float:
     """Token-weighted perplexity ``exp(Σ NLL / Σ tokens)`` on held-out demonstrations, over the
     tokens SFT trains on (`rlhfkit.demonstrations`: the response of prompt/response pairs,
     the assistant turns of chats, every token of plain text) with SFT's loss (`rlhfkit.losses.lm_loss`),
@@ -232,7 +259,7 @@ def perplexity(model: Any, tokenizer: Any, demos: Any, batch_size: int, source: 
     from rlhfkit.losses import lm_loss
 
     max_length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    examples, _ = encode_dataset(tokenizer, demos, demos.lines, source=source, max_length=max_length)
+    examples, _ = encode_dataset(tokenizer, demos, demos.lines, source=source, max_length=max_length, chat_template=chat_template)
     device = next(model.parameters()).device
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = 0

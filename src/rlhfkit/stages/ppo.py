@@ -20,6 +20,25 @@ and InstructGPT (Ouyang et al. 2022), as reproduced in lm-human-preference-detai
  9. PPO-ptx: the language-model loss on ``--ptx-data`` added to every update (γ = ``--ptx-coef``);
 10. the KL controller update (fixed β, or adaptive towards ``--target-kl``).
 
+``--algo`` changes two phases and nothing else (rollout, reward, KL penalty, resume, torchrun,
+metrics and samples are shared); each difference is one function, the math in `rlhfkit.losses`:
+
+=====  =======================================================  ========================================
+algo   5.-7. advantages (`estimate_advantages`)                  8. loss (`update_loss`)
+=====  =======================================================  ========================================
+ppo    GAE with the critic, per-token KL penalty in the reward  clipped surrogate + clipped value loss
+a2c    the same                                                 −A·log π + unclipped value loss, one
+                                                                gradient step per rollout batch
+rloo   K samples per prompt; R = score − β·KL per sequence;     clipped surrogate (REINFORCE with the
+       A = R − mean of the other K − 1 R's; no critic           leave-one-out baseline at ratio 1)
+grpo   K samples per prompt; A = (score − group mean) / group   clipped surrogate + β·k3 KL to the
+       std; no critic (``--kl-in-reward``: R as rloo's)         reference (not with --kl-in-reward)
+=====  =======================================================  ========================================
+
+For rloo and grpo, phase 1 draws ``--batch-size`` / K prompts and samples each K times (the K
+rollouts of a prompt stay together, on one rank), and the advantage of a sequence sits on every
+one of its tokens.
+
 Batch sizes are per process. Tokens after the end of a response (its stop token included in the
 response, padding after it) are masked from every loss, mean and KL.
 
@@ -48,14 +67,20 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.losses import (
     AdaptiveKLController,
     FixedKLController,
+    conservative_score,
     gae,
+    group_advantages,
+    grpo_policy_loss,
     kl_estimate,
     kl_penalized_rewards,
     masked_mean,
     masked_var,
     masked_whiten,
+    policy_gradient_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    rloo_advantages,
+    value_loss,
 )
 from rlhfkit.seeds import row_seed
 from rlhfkit.stages.ppo_data import (
@@ -68,13 +93,15 @@ from rlhfkit.stages.ppo_data import (
     minibatch_order,
     step_rows,
 )
+from rlhfkit.stages.ppo_judge import JudgeMonitor
 from rlhfkit.stages.ppo_models import Models, build_models
 from rlhfkit.stages.ppo_options import Sizes, sizes
 from rlhfkit.stages.ppo_samples import SAMPLES_FILE, SamplesLog
 from rlhfkit.training import Dist
 
 KLController = AdaptiveKLController | FixedKLController
-RESUME_MAY_CHANGE = ("save_every", "sample_every", "num_samples", "keep_checkpoints", "save_adapter", "device")  # --resume with other values
+# options that --resume may give other values
+RESUME_MAY_CHANGE = ("save_every", "sample_every", "num_samples", "keep_checkpoints", "save_adapter", "device", "judge_timeout")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,16 +113,13 @@ def run(config: PPOConfig) -> dict[str, Any] | None:
     """Train; write ``OUT`` (the final policy, metrics.jsonl, samples.jsonl, checkpoints/). Returns
     the result on rank 0 (None on the other ranks of a torchrun job)."""
     from rlhfkit.models import resolve_device, resolve_dtype
-    from rlhfkit.training import init_distributed, shutdown_distributed
+    from rlhfkit.training import distributed_run
 
     config.check()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    dist = init_distributed(device)
-    try:
+    with distributed_run(device) as dist:  # the shared teardown: failures end every rank, leave no half run
         return _run(config, dist, device, dtype)
-    finally:
-        shutdown_distributed(dist)
 
 
 def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
@@ -132,6 +156,8 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.steps)
     kl_ctl = make_kl_controller(config)
     trained = {"policy": models.policy, "value": models.core.critic}  # what a checkpoint holds
+    if models.core.critic is None:
+        del trained["value"]  # rloo, grpo: no critic
 
     start = 0
     if checkpoint is not None:
@@ -141,20 +167,31 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
         if ptx is not None:
             ptx.position = int(state.get("ptx_position", 0))
     resume_step = start if checkpoint is not None else None
-    metrics_log = MetricsLog(out, dist, resume_step=resume_step, run=info, tables={"samples": out / SAMPLES_FILE})  # run, tables: --report-to
+    judge = JudgeMonitor(config, models, items, out, dist, checkpoint)  # --judge: samples the starting policy (step 0)
+    # run, tables: --report-to
+    metrics_log = MetricsLog(out, dist, resume_step=resume_step, run=info, tables={"samples": out / SAMPLES_FILE})
     samples_log = SamplesLog(out / SAMPLES_FILE, dist, resume_step=resume_step, enabled=config.sample_every > 0)
 
     def save(step: int) -> None:
         if dist.is_main:
-            state = {"config": config_dict, "kl_controller": kl_ctl.state_dict(), "ptx_position": ptx.position if ptx else 0}
-            save_checkpoint(out, step, modules=trained, optimizers={"ppo": optimizer}, schedulers={"ppo": scheduler}, state=state, keep=config.keep_checkpoints)
+            state = {"config": config_dict, "kl_controller": kl_ctl.state_dict(), "ptx_position": ptx.position if ptx else 0,
+                     "judge": judge.state_dict()}  # fmt: skip
+            save_checkpoint(
+                out,
+                step,
+                modules=trained,
+                optimizers={"ppo": optimizer},
+                schedulers={"ppo": scheduler},
+                state=state,
+                keep=config.keep_checkpoints,
+            )
         barrier(dist)
 
     # a resumed run that is already complete still reports (and records) its last metrics
     last: dict[str, float] = (read_metrics(out) or [{}])[-1] if checkpoint is not None and dist.is_main else {}
     started = time.perf_counter()
     tokens_total = 0
-    with progress_bar("ppo", total=config.steps, completed=start, enabled=dist.is_main) as bar:
+    with progress_bar(config.algo, total=config.steps, completed=start, enabled=dist.is_main) as bar:
         for step in range(start, config.steps):
             t_step = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
@@ -165,18 +202,30 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
             tokens_total += result["tokens"] * dist.world_size
             metrics = {**result["metrics"], **result["timings"], "train/lr": lr, "perf/seconds_per_step": seconds,
                        "perf/tokens_per_s": result["tokens"] * dist.world_size / max(seconds, 1e-9)}  # fmt: skip
+            metrics.update(judge.after_step(step + 1))  # --judge: judge/win_rate over the starting policy, at its steps
             last = metrics_log.log(step + 1, metrics)
             if config.sample_every and (step + 1) % config.sample_every == 0 and dist.is_main:
                 samples_log.write(step + 1, result["items"], result, config.num_samples)
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
                 save(step + 1)
-            bar.update(1, info=f"score {last['objective/score']:.3f} | kl {last['objective/kl']:.3f} | β {last['objective/kl_coef']:.3g} | "
-                               f"{last['perf/tokens_per_s']:.0f} tok/s | {seconds:.2f} s/step")  # fmt: skip
+            bar.update(1, info=f"score {last['objective/score']:.3f} | kl {last['objective/kl']:.3f} | "
+                               f"β {last['objective/kl_coef']:.3g} | {last['perf/tokens_per_s']:.0f} tok/s | "
+                               f"{seconds:.2f} s/step")  # fmt: skip
 
     summary = {k: v for k, v in last.items() if k.split("/")[0] in ("objective", "response", "val", "policy", "loss")}
     if dist.is_main:
+        judged = judge.finish()  # --judge --keep-best: the judge's best policy's weights are loaded into the policy
         final = model_io.merged(models.policy) if config.lora else models.policy
-        extra = {"ppo": {"steps": config.steps, "kl_coef": kl_ctl.value, "reward": models.reward.info(), "prompts_truncated": truncated, "ptx": ptx_stats}}
+        extra = {
+            "ppo": {
+                "steps": config.steps,
+                "kl_coef": kl_ctl.value,
+                "reward": models.reward.info(),
+                "prompts_truncated": truncated,
+                "ptx": ptx_stats,
+                "judge": judged,
+            }
+        }
         model_io.save_model_dir(final, tokenizer, out, info, summary, extra=extra)
         if config.lora and config.save_adapter:
             model_io.save_adapter(models.policy, out / model_io.ADAPTER_DIR)
@@ -190,6 +239,7 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
         "kl_coef": kl_ctl.value,
         "metrics": summary,
         "tokens_per_s": tokens_total / max(time.perf_counter() - started, 1e-9),
+        "judge": judged,
     }
 
 
@@ -214,7 +264,7 @@ def ppo_step(
     ``update`` (`ppo_update`'s result), this step's prompts (``items``), the tensors of the batch,
     the texts and ``tokens`` (response tokens on this rank).
     """
-    from rlhfkit.training import all_reduce_mean
+    from rlhfkit.training import all_reduce_mean, check_finite
 
     sz = sizes(config)
     kl_coef = kl_ctl.value
@@ -226,10 +276,11 @@ def ppo_step(
             torch.cuda.synchronize(device)  # time the work, not the kernel launches (a sync per phase)
         return time.perf_counter()
 
-    # 1. this step's prompts, and a sampling seed per rollout
-    rows = step_rows(len(items), config.seed, step, config.batch_size, dist)
-    batch_items = [items[i] for _, i in rows]
-    seeds = [row_seed(config.seed, step, j, scheme="poly") for j, _ in rows]
+    # 1. this step's prompts (K rollouts of each for rloo/grpo, side by side), and a sampling seed per rollout
+    K = config.samples_per_prompt
+    rows = step_rows(len(items), config.seed, step, config.batch_size // K, dist)
+    batch_items = [items[i] for _, i in rows for _ in range(K)]
+    seeds = [row_seed(config.seed, step, j * K + r, scheme="poly") for j, _ in rows for r in range(K)]
 
     # 2. generate
     t0 = clock()
@@ -245,25 +296,27 @@ def ppo_step(
     fwd = rollout_forward(models, exp, first_order, sz, config.temperature)
     timings["time/forward"] = clock() - t0
 
-    # 4. scores at the last real token (normalised, clipped; missing-EOS penalty)
+    # 4. scores at the last real token (normalised, clipped; missing-EOS penalty; an ensemble's mean − λ·std)
     t0 = clock()
-    scores, raw_scores = score(models, batch_items, texts, rollout, config)
+    scores, raw_scores, score_std = score(models, batch_items, texts, rollout, config)
     timings["time/score"] = clock() - t0
 
-    # 5.-7. KL-penalised per-token rewards, optional reward whitening, GAE, whitened advantages
-    adv = compute_rewards_and_advantages(
-        scores, fwd["logprobs"], fwd["ref_logprobs"], fwd["values"], mask, kl_coef=kl_coef,
-        kl_estimator=config.kl_estimator, whiten_rewards=config.whiten_rewards, gamma=config.gamma, lam=config.lam,
-    )  # fmt: skip
+    # 5.-7. rewards and advantages, by --algo: KL-penalised per-token rewards, optional reward whitening,
+    # GAE, whitened advantages; or one reward per sequence and a baseline from the other samples of its prompt
+    adv = estimate_advantages(config, scores, fwd, mask, kl_coef)
+    check_finite(step + 1, dist, reward=scores, value=fwd["values"], kl=adv["kl"])  # before the update sees them
     exp.logprobs, exp.values, exp.advantages, exp.returns = fwd["logprobs"], adv["values"], adv["advantages"], adv["returns"]
+    exp.ref_logprobs = fwd["ref_logprobs"]
 
-    # 8.-9. PPO epochs over shuffled mini-batches (+ PPO-ptx)
+    # 8.-9. PPO epochs over shuffled mini-batches (+ PPO-ptx), with the loss of --algo
     t0 = clock()
-    update = ppo_update(models, optimizer, exp, config, step, ptx, dist)
+    update = ppo_update(models, optimizer, exp, config, step, ptx, dist, kl_coef=kl_coef)
     timings["time/update"] = clock() - t0
 
     # 10. KL controller update, on the mean per-sequence KL over every rank's rollouts
     metrics = step_metrics(scores, raw_scores, fwd, adv, update, rollout.stopped, mask, kl_coef)
+    if score_std is not None:
+        metrics["objective/score_std"] = score_std.mean()  # a reward ensemble's disagreement (std over its members)
     metrics = {k: all_reduce_mean(v, dist) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
     kl_ctl.update(metrics["objective/kl"], config.batch_size * dist.world_size)
     return {
@@ -315,11 +368,14 @@ def generate(models: Models, items: Sequence[PromptItem], seeds: Sequence[int], 
     responses = [r.response_ids(i) for r in parts for i in range(r.response.size(0))]
     response, response_mask = right_pad(responses, pad, device)
     logprobs = torch.cat([_pad_to(r.logprobs, response.size(1)) for r in parts])
-    return Rollout(query, query_mask, response, response_mask, torch.cat([r.stopped for r in parts]), logprobs, [s for r in parts for s in r.stop_text])
+    stopped = torch.cat([r.stopped for r in parts])
+    return Rollout(query, query_mask, response, response_mask, stopped, logprobs, [s for r in parts for s in r.stop_text])
 
 
 @torch.no_grad()
-def rollout_forward(models: Models, exp: Experience, order: torch.Tensor, sz: Sizes, temperature: float) -> dict[str, torch.Tensor]:
+def rollout_forward(
+    models: Models, exp: Experience, order: torch.Tensor, sz: Sizes, temperature: float
+) -> dict[str, torch.Tensor]:
     """3. Policy log-probs, entropy and values, and reference log-probs, all (B, T).
 
     Computed in the micro-batches of the first PPO epoch (``order``) with the function that the
@@ -336,24 +392,38 @@ def rollout_forward(models: Models, exp: Experience, order: torch.Tensor, sz: Si
             with models.autocast():
                 policy_out = models.core(*args, temperature=temperature, with_entropy=True)
             for name in ("logprobs", "values", "entropy"):
-                out[name][idx] = _pad_to(policy_out[name].float(), T)
+                if name in policy_out:  # no values without a critic (rloo, grpo): they stay 0
+                    out[name][idx] = _pad_to(policy_out[name].float(), T)
             out["ref_logprobs"][idx] = _pad_to(models.reference_logprobs(*args, temperature=temperature).float(), T)
     return out
 
 
-def score(models: Models, items: Sequence[PromptItem], texts: Sequence[str], rollout: Any, config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """4. (scores, normalised model scores), both (B,): the reward's normalised score at the last
-    real token, clipped to ±``--reward-clip``; a completion that never stopped gets
-    ``--missing-eos-penalty`` instead when set."""
-    raw = models.reward.score(
-        [it.prompt for it in items], texts, rollout.query, rollout.query_mask, rollout.response, rollout.response_mask, stopped=rollout.stopped
-    ).to(rollout.response.device)
+def score(
+    models: Models, items: Sequence[PromptItem], texts: Sequence[str], rollout: Any, config: PPOConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """4. (scores, normalised model scores, the ensemble's spread), each (B,): the reward's
+    normalised score at the last real token, clipped to ±``--reward-clip``; a completion that never
+    stopped gets ``--missing-eos-penalty`` instead when set.
+
+    With a reward-model ensemble (M > 1 members) the model score is mean − λ·std over the members
+    (`losses.conservative_score`, λ = ``--conservative-coef``, 0 = their mean) and the spread is
+    their std (population), the ensemble's disagreement; for a single reward the spread is None.
+    """
+    tokens = (rollout.query, rollout.query_mask, rollout.response, rollout.response_mask)
+    prompts, device = [it.prompt for it in items], rollout.response.device
+    spread = None
+    if models.reward.members > 1:
+        members = models.reward.member_scores(prompts, texts, *tokens, stopped=rollout.stopped).to(device)  # (B, M)
+        raw = conservative_score(members, config.conservative_coef)
+        spread = members.std(-1, unbiased=False)
+    else:
+        raw = models.reward.score(prompts, texts, *tokens, stopped=rollout.stopped).to(device)
     scores = raw
     if config.reward_clip is not None:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
     if config.missing_eos_penalty is not None:
         scores = torch.where(rollout.stopped, scores, torch.full_like(scores, config.missing_eos_penalty))
-    return scores, raw
+    return scores, raw, spread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +466,60 @@ def compute_rewards_and_advantages(
     return {"kl": kl, "rewards": rewards, "values": values, "advantages": advantages, "returns": returns}
 
 
+def estimate_advantages(
+    config: PPOConfig, scores: torch.Tensor, fwd: dict[str, torch.Tensor], mask: torch.Tensor, kl_coef: float
+) -> dict[str, torch.Tensor]:
+    """5.-7. by ``--algo``: GAE with the critic for ppo and a2c (`compute_rewards_and_advantages`),
+    a group baseline for rloo and grpo (`compute_group_advantages`); the same keys either way."""
+    if config.has_critic:
+        return compute_rewards_and_advantages(
+            scores, fwd["logprobs"], fwd["ref_logprobs"], fwd["values"], mask, kl_coef=kl_coef,
+            kl_estimator=config.kl_estimator, whiten_rewards=config.whiten_rewards, gamma=config.gamma, lam=config.lam,
+        )  # fmt: skip
+    return compute_group_advantages(
+        scores, fwd["logprobs"], fwd["ref_logprobs"], mask, k=config.samples_per_prompt, algo=config.algo, kl_coef=kl_coef,
+        kl_estimator=config.kl_estimator, kl_in_reward=config.algo == "rloo" or config.kl_in_reward,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def compute_group_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    k: int,
+    algo: str,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+    kl_in_reward: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Phases 5-7 of the critic-free algorithms: one reward per sequence, a baseline from the other
+    samples of its prompt, the sequence's advantage on every one of its response tokens.
+
+    ``scores`` (B,) and (B, T) tensors in, B = prompts × K with the K samples of a prompt side by
+    side; (B, T) tensors out, with the keys of `compute_rewards_and_advantages`:
+
+    - ``kl`` and ``rewards`` as for ppo (−β·kl_t, plus the score on the last token), which the
+      metrics report (``objective/rlhf_reward``);
+    - the sequence reward R = score − β·Σ_t kl_t (the row sum of ``rewards``) with ``kl_in_reward``
+      (rloo always; grpo with ``--kl-in-reward``), else the score alone (grpo: the KL is a loss term);
+    - ``advantages``: rloo, R minus the mean of the other K − 1 R's (`losses.rloo_advantages`);
+      grpo, R standardised within its group (`losses.group_advantages`); not whitened again;
+    - ``values`` and ``returns``: 0 (no critic).
+    """
+    valid = mask.bool()
+    kl = kl_estimate(torch.where(valid, logprobs, 0.0), torch.where(valid, ref_logprobs, 0.0), kl_estimator)  # (B, T)
+    rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, valid, kl_coef, kl_estimator)  # (B, T)
+    sequence_rewards = rewards.sum(1) if kl_in_reward else scores  # (B,)
+    grouped = sequence_rewards.view(-1, k)  # (B / K, K), one row per prompt
+    per_sequence = rloo_advantages(grouped)[0] if algo == "rloo" else group_advantages(grouped)
+    advantages = torch.where(valid, per_sequence.reshape(-1, 1), 0.0)  # (B, T): the same on every token
+    zeros = torch.zeros_like(advantages)
+    return {"kl": kl, "rewards": rewards, "values": zeros, "advantages": advantages, "returns": zeros}
+
+
 # ---------------------------------------------------------------------------------------------
 # phase 8 (and 9): the PPO update
 # ---------------------------------------------------------------------------------------------
@@ -409,24 +533,27 @@ def ppo_update(
     step: int,
     ptx: PtxFeed | None = None,
     dist: Dist = Dist(),
+    kl_coef: float | None = None,
 ) -> dict[str, Any]:
-    """8. ``--ppo-epochs`` passes over shuffled mini-batches of ``exp``; one optimizer step per
-    mini-batch, ``--grad-accum`` micro-batches each; 9. the PPO-ptx loss added to each.
+    """8. ``--ppo-epochs`` passes over shuffled mini-batches of ``exp`` (one for a2c); one optimizer
+    step per mini-batch, ``--grad-accum`` micro-batches each, with the loss of ``--algo``
+    (`update_loss`; ``kl_coef``: grpo's β, default ``--kl-coef``); 9. the PPO-ptx loss added to each.
 
     Returns the mean of each statistic over the micro-batches (0-d tensors), ``updates`` (optimizer
     steps taken) and ``minibatches``: per mini-batch ``ratio_min``/``ratio_max`` (for checking the
     first ratio is 1) and ``approxkl``.
     """
-    from rlhfkit.training import all_reduce_mean, no_sync
+    from rlhfkit.training import all_reduce_mean, check_finite, no_sync
 
     sz = sizes(config)
+    kl_coef = config.kl_coef if kl_coef is None else kl_coef
     device = exp.response.device
     params = [p for p in models.actor_critic.parameters() if p.requires_grad]
     ptx_on = ptx is not None and config.ptx_coef > 0
     stats: dict[str, list[torch.Tensor]] = {}
     minibatch_stats = []
     updates, stopped_early = 0, False
-    for epoch in range(config.ppo_epochs):
+    for epoch in range(sz.epochs):
         for mini in micro_batches(minibatch_order(config.seed, step, epoch, sz.batch, device), sz):
             mb: dict[str, list[torch.Tensor]] = {"approxkl": [], "ratio_min": [], "ratio_max": []}
             for i, idx in enumerate(mini):
@@ -437,11 +564,8 @@ def ppo_update(
                         rows["query"], rows["query_mask"], rows["response"], mask,
                         temperature=config.temperature, ptx=ptx.next(device) if ptx_on else None,
                     )  # fmt: skip
-                    # policy loss
-                    pg_loss, pg_stats = ppo_policy_loss(out["logprobs"].float(), rows["logprobs"], rows["advantages"], mask, config.cliprange)
-                    # value loss
-                    vf_loss, vf_stats = ppo_value_loss(out["values"].float(), rows["values"], rows["returns"], mask, config.cliprange_value)
-                    loss = pg_loss + config.vf_coef * vf_loss
+                    # policy loss and value loss, by --algo
+                    loss, micro_stats = update_loss(config, out, rows, mask, kl_coef)
                     if ptx_on:
                         # PPO-ptx (InstructGPT eq. 2): + γ·E_pretrain[log π], i.e. γ·(LM loss) to minimise
                         loss = loss + config.ptx_coef * out["ptx_loss"]
@@ -451,14 +575,15 @@ def ppo_update(
                     log_ratio = torch.where(valid, out["logprobs"].float() - rows["logprobs"], 0.0)
                     mb["ratio_min"].append(torch.where(valid, log_ratio, math.inf).amin().exp())
                     mb["ratio_max"].append(torch.where(valid, log_ratio, -math.inf).amax().exp())
-                    mb["approxkl"].append(pg_stats["approxkl"])
-                    micro_stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_stats, **vf_stats}
+                    mb["approxkl"].append(micro_stats["approxkl"])
                     if ptx_on:
                         micro_stats["loss/ptx"] = out["ptx_loss"].detach()
                     for k, v in micro_stats.items():
                         stats.setdefault(k, []).append(v)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
             if config.max_grad_norm > 0:
-                stats.setdefault("grad_norm", []).append(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                stats.setdefault("grad_norm", []).append(grad_norm)
+            check_finite(step + 1, dist, loss=loss.detach(), grad_norm=grad_norm)  # before the weights see it
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
@@ -479,6 +604,37 @@ def ppo_update(
     result["stopped_early"] = stopped_early
     result["minibatches"] = minibatch_stats
     return result
+
+
+def update_loss(
+    config: PPOConfig, out: dict[str, torch.Tensor], rows: dict[str, Any], mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """8. One micro-batch's loss by ``--algo`` (the formulas are `rlhfkit.losses`'), and its stats:
+
+    - ppo: clipped surrogate + vf_coef · clipped value loss (`ppo_policy_loss`, `ppo_value_loss`);
+    - a2c: −A·log π + vf_coef · ½(V − R)² (`policy_gradient_loss`, `value_loss`);
+    - rloo: the clipped surrogate (at ratio 1, i.e. one epoch of one mini-batch: REINFORCE with the
+      leave-one-out baseline, Ahmadian et al. 2024);
+    - grpo: the clipped surrogate + β·k3 KL to the reference (`grpo_policy_loss`), or the
+      surrogate alone with ``--kl-in-reward``.
+    """
+    logprobs = out["logprobs"].float()
+    if config.algo == "a2c":
+        pg_loss, pg_stats = policy_gradient_loss(logprobs, rows["advantages"], mask, old_logprobs=rows["logprobs"])
+    elif config.algo == "grpo" and not config.kl_in_reward:
+        pg_loss, pg_stats = grpo_policy_loss(
+            logprobs, rows["logprobs"], rows["ref_logprobs"], rows["advantages"], mask, config.cliprange, kl_coef
+        )
+    else:
+        pg_loss, pg_stats = ppo_policy_loss(logprobs, rows["logprobs"], rows["advantages"], mask, config.cliprange)
+    if not config.has_critic:
+        return pg_loss, {"loss/policy": pg_loss.detach(), **pg_stats}
+    if config.algo == "a2c":
+        vf_loss, vf_stats = value_loss(out["values"].float(), rows["returns"], mask)
+    else:
+        vf_loss, vf_stats = ppo_value_loss(out["values"].float(), rows["values"], rows["returns"], mask, config.cliprange_value)
+    loss = pg_loss + config.vf_coef * vf_loss
+    return loss, {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_stats, **vf_stats}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,10 +660,14 @@ def step_metrics(
     mask: torch.Tensor,
     kl_coef: float,
 ) -> dict[str, Any]:
-    """The metrics of one step on this rank (0-d tensors; names as in lm-human-preference-details)."""
+    """The metrics of one step on this rank (0-d tensors; names as in lm-human-preference-details).
+    Without a critic (rloo, grpo) there are no ``loss/value`` and critic ``val/`` metrics; a2c clips
+    nothing (no ``policy/clipfrac``, ``val/clipfrac``); grpo adds its KL loss term, ``loss/kl``."""
     valid = mask.bool()
+    critic = "loss/value" in update
     kl_per_seq = adv["kl"].sum(1)  # (B,)
-    explained_variance = 1 - masked_var(adv["returns"] - adv["values"], valid) / masked_var(adv["returns"], valid).clamp_min(1e-12)
+    returns_var = masked_var(adv["returns"], valid).clamp_min(1e-12)
+    explained_variance = 1 - masked_var(adv["returns"] - adv["values"], valid) / returns_var
     metrics = {
         "objective/score": scores.mean(),
         "objective/rm_score": raw_scores.mean(),  # before --reward-clip and the missing-EOS penalty
@@ -518,14 +678,14 @@ def step_metrics(
         "objective/kl_coef": kl_coef,
         "policy/approxkl": update["approxkl"],
         "policy/approxkl_k3": update["approxkl_k3"],
-        "policy/clipfrac": update["clipfrac"],
+        "policy/clipfrac": update.get("clipfrac"),
         "loss/policy": update["loss/policy"],
-        "loss/value": update["loss/value"],
-        "val/explained_variance": torch.where(masked_var(adv["returns"], valid) > 0, explained_variance, 0.0),
+        "loss/value": update.get("loss/value"),
+        "val/explained_variance": torch.where(masked_var(adv["returns"], valid) > 0, explained_variance, 0.0) if critic else None,
         "val/ratio": update["ratio_mean"],
-        "val/clipfrac": update["vf_clipfrac"],
-        "val/mean": masked_mean(adv["values"], valid),
-        "val/returns": masked_mean(adv["returns"], valid),
+        "val/clipfrac": update.get("vf_clipfrac"),
+        "val/mean": masked_mean(adv["values"], valid) if critic else None,
+        "val/returns": masked_mean(adv["returns"], valid) if critic else None,
         "response/length": mask.sum(1).float().mean(),
         "response/stopped": stopped.float().mean(),
         "ppo/updates": float(update["updates"]),
@@ -534,4 +694,6 @@ def step_metrics(
         metrics["train/grad_norm"] = update["grad_norm"]
     if "loss/ptx" in update:
         metrics["loss/ptx"] = update["loss/ptx"]
-    return metrics
+    if "kl" in update:
+        metrics["loss/kl"] = update["kl"]  # grpo: the mean k3 KL of its loss term
+    return {k: v for k, v in metrics.items() if v is not None}

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from rlhfkit.config import PPOConfig
-from rlhfkit.errors import DataError
 from rlhfkit.stages.ppo_options import Sizes
 from rlhfkit.training import Dist, epoch_order, shard
 
@@ -30,24 +29,27 @@ from rlhfkit.training import Dist, epoch_order, shard
 class PromptItem:
     id: str
     prompt: Any  # a string, or the conversation so far (a list of messages)
-    ids: tuple[int, ...]  # encoded with chat.encode_prompt (left-truncated to --max-prompt-length)
+    ids: tuple[int, ...]  # encoded with chat.encode_prompt and --chat-template (left-truncated to --max-prompt-length)
 
 
 def load_prompts(config: PPOConfig, tokenizer: Any) -> tuple[list[PromptItem], int]:
-    """(prompts, number truncated). Every prompt is encoded once, up front."""
-    from rlhfkit.chat import encode_prompt
+    """(prompts, number truncated). Every prompt is encoded once, up front, and checked as every
+    sampling stage checks it (`chat.check_prompts`): one longer than ``--max-prompt-length`` keeps
+    its last tokens (counted); one that leaves no room for ``--max-new-tokens`` in the policy's
+    context is an error at FILE:LINE."""
+    from rlhfkit.chat import check_prompts
     from rlhfkit.data import records
+    from rlhfkit.models import model_context
 
-    loaded = records.load(config.prompts, records.parse_prompt, skip_invalid=config.skip_invalid)
-    items, truncated = [], 0
-    for record, line in zip(loaded, loaded.lines):
-        ids = encode_prompt(tokenizer, record.prompt)
-        if not ids:
-            raise DataError(config.prompts, line, "prompt", "encodes to no tokens")
-        if config.max_prompt_length and len(ids) > config.max_prompt_length:
-            ids, truncated = ids[-config.max_prompt_length :], truncated + 1  # keep the end: the model continues it
-        items.append(PromptItem(record.id, record.prompt, tuple(ids)))
-    return items, truncated
+    loaded = records.load_kind(config.prompts, "prompts", skip_invalid=config.skip_invalid)
+    context = model_context(config.policy, trust_remote_code=config.trust_remote_code)
+    encoded, truncated = check_prompts(
+        tokenizer, [record.prompt for record in loaded], source="<stdin>" if config.prompts == "-" else config.prompts,
+        lines=loaded.lines, mode=config.chat_template, context=context,
+        max_new_tokens=config.max_new_tokens, max_prompt_length=config.max_prompt_length,
+        hint="--max-prompt-length N keeps the last N tokens of longer prompts",
+    )  # fmt: skip
+    return [PromptItem(record.id, record.prompt, tuple(ids)) for record, ids in zip(loaded, encoded)], truncated
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,6 +91,7 @@ class Experience:
     response: torch.Tensor  # (B, T) right-padded response ids (stop token included)
     response_mask: torch.Tensor  # (B, T) 1 = response token, 0 after its end
     logprobs: torch.Tensor | None = None  # (B, T) policy log-probs at sampling time ("old")
+    ref_logprobs: torch.Tensor | None = None  # (B, T) reference log-probs (grpo's KL loss term)
     values: torch.Tensor | None = None  # (B, T) critic values at sampling time ("old")
     advantages: torch.Tensor | None = None  # (B, T) whitened
     returns: torch.Tensor | None = None  # (B, T)
@@ -114,7 +117,7 @@ class Experience:
             "response": self.response[idx, :T],
             "response_mask": self.response_mask[idx, :T],
         }
-        for name in ("logprobs", "values", "advantages", "returns"):
+        for name in ("logprobs", "ref_logprobs", "values", "advantages", "returns"):
             tensor = getattr(self, name)
             if tensor is not None:
                 out[name] = tensor[idx, :T]
@@ -136,7 +139,8 @@ class PtxFeed:
     r, r + w, ... so that the ranks see different examples."""
 
     def __init__(self, examples: Sequence[Any], batch_size: int, seed: int, pad_token_id: int, dist: Dist = Dist()):
-        self.examples, self.batch_size, self.seed, self.pad_token_id, self.dist = list(examples), batch_size, seed, pad_token_id, dist
+        self.examples, self.batch_size, self.seed = list(examples), batch_size, seed
+        self.pad_token_id, self.dist = pad_token_id, dist
         self.position = 0  # examples consumed so far by each rank (checkpointed)
 
     def next(self, device: torch.device) -> Any:
@@ -162,7 +166,7 @@ def load_ptx(config: PPOConfig, tokenizer: Any, micro_batch: int, dist: Dist = D
     loaded = records.load(config.ptx_data, records.parse_demonstration, skip_invalid=config.skip_invalid)
     examples, stats = encode_dataset(
         tokenizer, loaded, loaded.lines, source=config.ptx_data, max_length=config.ptx_max_length,
-        skip_invalid=config.skip_invalid, skipped=loaded.skipped,
+        skip_invalid=config.skip_invalid, skipped=loaded.skipped, chat_template=config.chat_template,
     )  # fmt: skip
     feed = PtxFeed(examples, config.ptx_batch_size or micro_batch, config.seed, tokenizer.pad_token_id, dist)
     return feed, stats.as_dict()

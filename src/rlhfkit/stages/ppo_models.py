@@ -5,9 +5,10 @@
   the SFT model), or with ``--lora`` the policy's own backbone with the adapter switched off (one
   backbone in memory);
 * the reward (`rlhfkit.reward.load_reward`): a reward-model directory or a ``python:`` script;
-* the critic: a value model of its own (``--value-head separate``: ``--value-model``, else the reward
-  model, else the policy with a fresh score head) or a linear head on the policy (``--value-head
-  policy``); with ``--lora`` the value model gets adapters of its own;
+* the critic (ppo, a2c; rloo and grpo have none): a value model of its own (``--value-head
+  separate``: ``--value-model``, else the reward model, else the policy with a fresh score head) or
+  a linear head on the policy (``--value-head policy``); with ``--lora`` the value model gets
+  adapters of its own;
 * `Models` bundles them with the autocast used around every forward (bf16/fp16 with float32
   weights); `value.ActorCritic` joins policy and critic in one module, the one the optimizer
   trains and DDP wraps.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import PPOConfig
+from rlhfkit.errors import ConfigError
 from rlhfkit.stages.ppo_options import sizes
 from rlhfkit.training import Dist, unwrap
 
@@ -58,7 +60,10 @@ class Models:
         backbone with the adapter switched off (one backbone in memory)."""
         from rlhfkit.generation import policy_logprobs
 
-        model, context = (self.reference, nullcontext()) if self.reference is not None else (self.policy, self.policy.disable_adapter())
+        if self.reference is not None:
+            model, context = self.reference, nullcontext()
+        else:
+            model, context = self.policy, self.policy.disable_adapter()
         with context, self.autocast():
             return policy_logprobs(model, *args, temperature)[0]
 
@@ -86,25 +91,36 @@ def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype:
     from rlhfkit.value import ActorCritic, ValueHead, hidden_size
 
     micro = sizes(config).micro_batch
-    reward = load_reward(config.rm, tokenizer, device, dtype, trust_remote_code=config.trust_remote_code, batch_size=micro)
-    policy = _dropout_off(models.load_model(config.policy, "causal-lm", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code))
+
+    def load(spec: str, kind: str) -> Any:  # trained and reference models keep float32 weights
+        return models.load_model(spec, kind, dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
+
+    reward = load_reward(config.rm, tokenizer, device, dtype, trust_remote_code=config.trust_remote_code, batch_size=micro,
+                         chat_template=config.chat_template)  # fmt: skip
+    if config.conservative_coef > 0 and reward.members < 2:
+        raise ConfigError(
+            f"--conservative-coef: the reward {config.rm} has one member (mean − λ·std needs an ensemble: train-rm --ensemble M)"
+        )
+    policy = _dropout_off(load(config.policy, "causal-lm"))
     reference = None
     if config.ref:
-        reference = models.load_model(config.ref, "causal-lm", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
-        reference = _dropout_off(reference).requires_grad_(False)
+        reference = _dropout_off(load(config.ref, "causal-lm")).requires_grad_(False)
     elif not config.lora:
         reference = _dropout_off(copy.deepcopy(policy)).requires_grad_(False)
     value_model = value_head = None
-    if config.value_head == "policy":
+    if not config.has_critic:
+        pass  # rloo, grpo: each sample's baseline is the other samples of its prompt
+    elif config.value_head == "policy":
         value_head = ValueHead(hidden_size(policy)).to(device)
     else:
         spec = config.value_model or (config.policy if is_script(config.rm) else config.rm)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # a fresh score head (a value model from a plain LM) starts the same every time
-            value_model = models.load_model(spec, "reward", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
+            value_model = load(spec, "reward")
         value_model = _dropout_off(value_model)
     if config.lora:
-        lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "target_modules": config.lora_target_modules}
+        lora = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout}
+        lora["target_modules"] = config.lora_target_modules
         policy = _dropout_off(models.apply_lora(policy, kind="causal-lm", **lora))
         if value_model is not None:
             value_model = _dropout_off(models.apply_lora(value_model, kind="reward", **lora))

@@ -31,7 +31,11 @@ class SamplesLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
         with atomic_open(path) as f:
             f.writelines(line + "\n" for line in kept)
 
@@ -57,7 +61,9 @@ class SamplesLog:
         for column, justify in (("prompt", "left"), ("response", "left"), ("score", "right"), ("kl", "right")):
             table.add_column(column, justify=justify, overflow="fold")
         for r in rows:
-            table.add_row(_short(_prompt_text(r["prompt"]), 120), _short(r["response"], 240), f"{r['score']:.3f}", f"{r['kl']:.3f}")
+            table.add_row(
+                _short(_prompt_text(r["prompt"]), 120), _short(r["response"], 240), f"{r['score']:.3f}", f"{r['kl']:.3f}"
+            )
         console.print(table)
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit import stats
-from rlhfkit.config import RankImportConfig
-from rlhfkit.data import files, records
+from rlhfkit.config import RankImportConfig, check_outputs
+from rlhfkit.data import files
 from rlhfkit.losses import expand_ranking
-from rlhfkit.rankings import Judgement, SampleIndex, check_rankings, read_rankings
+from rlhfkit.rankings import Judgement, SampleIndex, load_checked
 
 ANONYMOUS = "(anonymous)"
 
@@ -214,13 +214,12 @@ def run(config: RankImportConfig) -> dict[str, Any]:
     from rlhfkit.console import console
 
     config.check()
+    val_out = config.val_out or (val_out_path(config.out) if config.val_fraction > 0 else "")
+    outputs = [("--out", config.out, "file"), ("--val-out", val_out, "file"), ("--stats", config.stats, "file")]
+    check_outputs(outputs, [("RANKINGS", config.rankings), ("--samples", config.samples)])  # before any work
     # 1. the rankings (read to the end first: in a pipe, the samples file may still be being written)
-    rows = read_rankings(config.rankings, config.format)
-    samples = records.load(config.samples, records.parse_samples, skip_invalid=config.skip_invalid)
-    index = SampleIndex(samples, samples.lines, "<stdin>" if config.samples == files.STDIO else config.samples)
-
-    # 2. every ranking checked against the samples, before anything is written
-    loaded = check_rankings(rows, index, skip_invalid=config.skip_invalid)
+    # 2. every ranking checked against the samples, before anything is written (as `rlhfkit validate --kind rankings`)
+    loaded, index, samples = load_checked(config.rankings, config.samples, config.format, skip_invalid=config.skip_invalid)
     if loaded.detected:
         detail = f" ({loaded.row_format} rows)" if loaded.format == "csv" else ""
         console.print(f"rank-import: format auto -> [bold]{loaded.format}[/]{detail}", highlight=False)
@@ -236,7 +235,6 @@ def run(config: RankImportConfig) -> dict[str, Any]:
     policies = policy_stats(pairs, index, config.bootstrap, config.seed)
 
     # 5. split by prompt, write
-    val_out = config.val_out or (val_out_path(config.out) if config.val_fraction > 0 else "")
     train = [comparison_record(p, index) for p in written if not is_validation(p.prompt_id, config.val_fraction, config.seed)]
     val = [comparison_record(p, index) for p in written if is_validation(p.prompt_id, config.val_fraction, config.seed)]
     prompts = sorted({j.prompt_id for j in loaded.judgements})
@@ -264,11 +262,12 @@ def run(config: RankImportConfig) -> dict[str, Any]:
         "agreement": agreement,
         "policies": policies,
     }
-    files.write_jsonl(config.out, train)
-    if val_out:
-        files.write_jsonl(val_out, val)
-    if config.stats:
-        files.write_json(config.stats, summary)
+    with files.output_group():  # pairs, validation pairs and statistics: all or none
+        files.write_jsonl(config.out, train)
+        if val_out:
+            files.write_jsonl(val_out, val)
+        if config.stats:
+            files.write_json(config.stats, summary)
     print_stats(summary, console)
 
     result = {
@@ -307,9 +306,9 @@ def print_stats(summary: dict[str, Any], console: Any) -> None:
 
     agreement = summary["agreement"]
     if agreement is not None:
-        table = Table(title="inter-annotator agreement", title_justify="left")
-        for name in ("annotator", "pairwise agreement", "Krippendorff's α (ordinal)", "comparisons"):
-            table.add_column(name, justify="left" if name == "annotator" else "right")
+        table = _table(
+            "inter-annotator agreement", "annotator", "pairwise agreement", "Krippendorff's α (ordinal)", "comparisons"
+        )
         table.add_row("[bold]overall[/]", _fmt(agreement["pairwise"]), _fmt(agreement["alpha"]), str(agreement["comparisons"]))
         for who, row in agreement["per_annotator"].items():
             table.add_row(who, _fmt(row["pairwise"]), _fmt(row["alpha"]), str(row["comparisons"]))
@@ -317,21 +316,26 @@ def print_stats(summary: dict[str, Any], console: Any) -> None:
 
     policies = summary["policies"]
     if policies is not None:
-        table = Table(title="policies: Elo (95% bootstrap interval over prompts)", title_justify="left")
-        for name in ("policy", "Elo", "interval", "games"):
-            table.add_column(name, justify="left" if name == "policy" else "right")
+        table = _table("policies: Elo (95% bootstrap interval over prompts)", "policy", "Elo", "interval", "games")
         for name, r in policies["elo"].items():
             table.add_row(name, f"{r['rating']:.0f}", f"{r['ci_low']:.0f} – {r['ci_high']:.0f}", f"{r['games']:g}")
         console.print(table)
         names = list(policies["elo"])
-        table = Table(title="win rate of the row policy against the column policy", title_justify="left")
-        table.add_column("")
-        for name in names:
-            table.add_column(name, justify="right")
+        table = _table("win rate of the row policy against the column policy", "", *names)
         for a in names:
             row = policies["win_rate"].get(a, {})
             table.add_row(a, *[_fmt(row[b]["win_rate"]) + f" ({row[b]['games']:g})" if b in row else "–" for b in names])
         console.print(table)
+
+
+def _table(title: str, *columns: str) -> Any:
+    """A rich table: the first column (row names) left-aligned, the numbers right-aligned."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="right" if i else "left")
+    return table
 
 
 def _fmt(value: float | None) -> str:

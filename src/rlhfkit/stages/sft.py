@@ -76,14 +76,8 @@ def run(config: SFTConfig) -> dict[str, Any] | None:
     """Train; return the result (rank 0; None on the other ranks of a torchrun job)."""
     config.check()
     device = resolve_device(config.device)
-    dist = training.init_distributed(device)
-    try:
+    with training.distributed_run(device) as dist:  # the shared teardown: failures end every rank, leave no half run
         result = _train(config, device, dist)
-    except BaseException:
-        if dist.enabled and tdist.is_initialized():
-            tdist.destroy_process_group()  # no barrier: another rank may be stuck elsewhere
-        raise
-    training.shutdown_distributed(dist)
     return result if dist.is_main else None
 
 
@@ -118,6 +112,7 @@ def load_data(config: SFTConfig, tokenizer: Any) -> Data:
             max_length=config.max_length,
             skip_invalid=config.skip_invalid,
             skipped=skipped,
+            chat_template=config.chat_template,
         )
 
     train, train_stats = encode(config.data, [demos[i] for i in train_idx], [demos.lines[i] for i in train_idx], demos.skipped)
@@ -255,7 +250,8 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     if nll_model.selective and not nll_model.check(collate([probe], tokenizer.pad_token_id).to(device)):
         say("[yellow]the output layer runs on every position (this model post-processes its logits)[/]")
     ddp_model = training.wrap_ddp(nll_model, dist, device)
-    metrics = training.MetricsLog(config.out, dist, resume_step=state["step"] if resume_from is not None else None, run=info)  # run: --report-to
+    resume_step = state["step"] if resume_from is not None else None
+    metrics = training.MetricsLog(config.out, dist, resume_step=resume_step, run=info)  # run: --report-to
     last: dict[str, Any] = {}
     initial: dict[str, float] = {}
     for row in training.read_metrics(config.out) if resume_from is not None else []:
@@ -303,6 +299,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             )
+            training.check_finite(state["step"] + 1, dist, loss=nll, grad_norm=grad_norm)  # before the weights see it
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -78,10 +78,15 @@ from rlhfkit.console import progress_bar
 from rlhfkit.data import records
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses import bradley_terry_loss
+from rlhfkit.probe import bootstrap_weights
 from rlhfkit.provenance import RunInfo
-from rlhfkit.scoring import last_token_scores
+from rlhfkit.scoring import classifier_parts, last_token_scores
+from rlhfkit.stages import rm_head
+from rlhfkit.stats import wilson_interval
 
 STAGE = "train-rm"
+BEST_FILE = "best.safetensors"  # OUT/checkpoints/: the weights of the lowest held-out loss (--early-stopping)
+TOO_FEW_TO_TELL = 0.3  # a held-out accuracy whose 95% interval is wider than this says little
 # options that may differ when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = (
     "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every",
@@ -106,15 +111,31 @@ class RewardScorer(torch.nn.Module):
 
 
 def pair_loss(
-    rewards: torch.Tensor, batch: rm_data.Batch, *, use_margin: bool = False, center_rewards_coef: float = 0.0
+    rewards: torch.Tensor,
+    batch: rm_data.Batch,
+    *,
+    use_margin: bool = False,
+    center_rewards_coef: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley–Terry over the pairs of a batch, from one reward per distinct sequence.
 
     ``rewards`` (N,) one per row of ``batch.input_ids``; pairs gather (P,) winner and loser rewards.
-    Stats: those of `bradley_terry_loss` plus ``reward_mean``/``reward_std`` over the N rewards.
+    An ensemble gives ``rewards`` (N, M): the loss is the mean over the members of each member's
+    loss, weighted by its bootstrap ``weights`` (M, P) (`losses.bradley_terry_loss`).
+    Stats: those of `bradley_terry_loss` (of the members' mean reward) plus
+    ``reward_mean``/``reward_std`` over the N rewards.
     """
+    if rewards.ndim == 2:
+        members = [
+            pair_loss(r, batch, use_margin=use_margin, center_rewards_coef=center_rewards_coef,
+                      weights=None if weights is None else weights[m])[0]
+            for m, r in enumerate(rewards.unbind(-1))
+        ]  # fmt: skip
+        _, stats = pair_loss(rewards.detach().mean(-1), batch, use_margin=use_margin)
+        return torch.stack(members).mean(), stats
     chosen, rejected = rewards[batch.winners], rewards[batch.losers]  # (P,), (P,)
-    loss, stats = bradley_terry_loss(chosen, rejected, batch.margins if use_margin else None, ties=batch.ties)
+    loss, stats = bradley_terry_loss(chosen, rejected, batch.margins if use_margin else None, ties=batch.ties, weights=weights)
     if center_rewards_coef > 0:
         loss = loss + center_rewards_coef * ((chosen + rejected) ** 2).mean()
     with torch.no_grad():
@@ -130,11 +151,8 @@ def run(config: TrainRMConfig) -> dict[str, Any]:
     config.check()
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    dist = training.init_distributed(device)
-    try:
+    with training.distributed_run(device) as dist:  # the shared teardown: failures end every rank, leave no half run
         return _run(config, device, dtype, dist)
-    finally:
-        training.shutdown_distributed(dist)
 
 
 def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: training.Dist) -> dict[str, Any]:
@@ -175,7 +193,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         raise DataError(config.data, None, "margin", "--use-margin is set but no comparison has a margin")
     reference = rm_data.load_reference(config.norm_samples, skip_invalid=config.skip_invalid) if config.norm_samples else None
 
-    encode = rm_data.Encoder(tokenizer)
+    encode = rm_data.Encoder(tokenizer, config.chat_template)  # string prompts rendered as ppo and eval will render them
     train, train_stats = rm_data.build_elements(train_cmp, encode, config.max_length)
     val, val_stats = rm_data.build_elements(val_cmp, encode, config.max_length)
     if not train:
@@ -208,9 +226,28 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     # 2. model (the score head's initialisation depends on the seed)
     training.seed_everything(config.seed)
     model = models.load_model(
-        config.model, kind="reward", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code
-    )
+        config.model, kind="reward", dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code,
+        num_labels=config.ensemble,
+    )  # fmt: skip
     models.disable_dropout(model)
+    amp_dtype = None if dtype == torch.float32 else dtype
+    autocast: Callable[[], AbstractContextManager] = (
+        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    )
+
+    # 3. the head (`rm_head`): fitted on frozen features (LP-FT), one per ensemble member, lower layers frozen
+    element_weights = bootstrap_weights(torch.arange(len(train)), config.ensemble, config.seed)  # (M, E)
+    head_fit: dict[str, Any] = {}
+    if config.head_init == "probe" and resume_from is None:  # a resumed run loads its head from the checkpoint
+        started = time.perf_counter()
+        features = rm_head.pair_features(model, train, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
+                                         device=device, autocast=autocast)  # fmt: skip
+        head_fit = rm_head.init_heads_by_probe(model, features, element_weights, l2=config.probe_l2, seed=config.seed)
+        accuracy = f", training-pair accuracy {head_fit['train_accuracy']:.3f}" if head_fit["train_accuracy"] is not None else ""
+        say(f"probe: head fitted on frozen features (λ = {head_fit['l2']:g}{accuracy}) in {time.perf_counter() - started:.1f} s")
+    trainable = rm_head.freeze_lower_layers(model, config.trainable_layers)
+    if config.trainable_layers >= 0:
+        say(f"training the top {config.trainable_layers} layer(s) and the head: {trainable:,} parameters")
     if config.lora:
         model = models.apply_lora(
             model,
@@ -222,23 +259,30 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         )
     model.train()
     scorer = training.wrap_ddp(RewardScorer(model), dist, device)
-    amp_dtype = None if dtype == torch.float32 else dtype
-    autocast: Callable[[], AbstractContextManager] = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    # 3. schedule: micro-batches per epoch are the same on every rank (see `_epoch_batches`)
+    # 4. schedule: micro-batches per epoch are the same on every rank (see `_epoch_batches`); without
+    # --epochs, as many epochs as --min-steps optimizer steps need (a few hundred pairs are a handful of steps)
     micro_per_epoch = math.ceil(math.ceil(len(train) / dist.world_size) / config.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
+    epochs = config.epochs or math.ceil(config.min_steps / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    optimizer = training.make_optimizer(model, config.lr, config.weight_decay)
+    if config.epochs is None and epochs > 1:
+        say(f"{steps_per_epoch} optimizer step(s) per epoch: {epochs} epochs for at least --min-steps {config.min_steps}")
+    eval_every = config.eval_every or (max(1, steps_per_epoch // 2) if config.early_stopping else 0)
+    if config.trainable_layers == 0:  # the probe alone: there is nothing left to train
+        total_steps = 0
+    _, head = classifier_parts(training.unwrap(model) if not config.lora else model)
+    lr_of = {id(p): config.head_lr for p in head.parameters()} if config.head_lr else None
+    optimizer = training.make_optimizer(model, config.lr, config.weight_decay, lr_of=lr_of)
     scheduler = training.make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
     schedulers: dict[str, Any] = {"model": scheduler, **({"grad_scaler": scaler} if scaler else {})}
 
     step = 0
+    # --early-stopping: the lowest held-out loss so far, its step, and evaluations since (weights in BEST_FILE)
+    best: dict[str, Any] = {"loss": None, "step": None, "stale": 0}
     if resume_from is not None:
         state = training.load_checkpoint(
             resume_from, modules={"model": model}, optimizers={"model": optimizer}, schedulers=schedulers
@@ -246,6 +290,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         if data_sha is not None and state.get("data_sha256") not in (None, data_sha):
             raise ConfigError(f"--resume: {config.data} changed since {resume_from} was written; resume with the same data")
         step = int(state["step"])
+        best = state.get("best", best)
         say(f"resuming from {resume_from} (step {step} of {total_steps})")
     metrics_log = training.MetricsLog(
         out, dist, resume_step=step if resume_from is not None else None, run=info
@@ -255,7 +300,8 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         if dist.is_main:
             training.save_checkpoint(
                 out, at, modules={"model": model}, optimizers={"model": optimizer}, schedulers=schedulers,
-                state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha},
+                state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha,
+                       "best": best},
                 keep=config.keep_checkpoints,
             )  # fmt: skip
         training.barrier(dist)
@@ -265,9 +311,18 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
             return {}
         result = evaluate(model, val, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
                           device=device, autocast=autocast, use_margin=config.use_margin, dist=dist)  # fmt: skip
-        return {k: v for k, v in metrics_log.log(at, result).items() if k != "step"}
+        logged = {k: v for k, v in metrics_log.log(at, result).items() if k != "step"}
+        if config.early_stopping:
+            if best["loss"] is None or logged["loss/eval"] < best["loss"]:
+                best.update(loss=logged["loss/eval"], step=at, stale=0)
+                if dist.is_main:
+                    rm_head.save_weights(training.unwrap(model), out / training.CHECKPOINTS / BEST_FILE)
+                training.barrier(dist)
+            else:
+                best["stale"] += 1
+        return logged
 
-    # 4. train
+    # 5. train
     pairs_done, tokens_done, train_seconds = 0, 0, 0.0
     last: dict[str, float] = {}  # the newest training metrics line (a resumed run starts from the file's)
     for row in training.read_metrics(out) if resume_from is not None else []:
@@ -290,9 +345,9 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
                 with training.no_sync(scorer, skip=j < len(micro) - 1):
                     with autocast():
                         rewards = scorer(batch.input_ids, batch.attention_mask)  # (N,)
-                    loss, stats = pair_loss(
-                        rewards.float(), batch, use_margin=config.use_margin, center_rewards_coef=config.center_rewards_coef
-                    )
+                    weights = rm_head.pair_weights(element_weights, chunk, elements).to(device) if config.ensemble > 1 else None
+                    loss, stats = pair_loss(rewards.float(), batch, use_margin=config.use_margin,
+                                            center_rewards_coef=config.center_rewards_coef, weights=weights)  # fmt: skip
                     scaled = loss / len(micro)
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 for k, v in {"loss": loss.detach(), **stats}.items():
@@ -305,6 +360,9 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
             )
+            # before the weights see it (float16's scaler skips steps with an infinite gradient itself)
+            finite_norm = None if scaler else grad_norm
+            training.check_finite(step + 1, dist, reward=sums["reward_mean"], loss=sums["loss"], grad_norm=finite_norm)
             lr = scheduler.get_last_lr()[0]
             if scaler:
                 scaler.step(optimizer)
@@ -346,17 +404,26 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
                     f"{last['perf/pairs_per_s']:.1f} pairs/s",
                 )
             bar.update(advance=1)
-            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+            if eval_every and step % eval_every == 0 and step < total_steps:
                 held_out(step)
             if config.save_every and step % config.save_every == 0:
                 checkpoint(step)
                 saved_at = step
+            if config.patience and best["stale"] >= config.patience:
+                say(f"early stop at step {step}: no better held-out loss in {config.patience} evaluations")
+                break
     if saved_at != step:
         checkpoint(step)
 
-    # 5. held-out evaluation, normalisation, the model directory
+    # 6. held-out evaluation (the best weights with --early-stopping), normalisation, the model directory
     model.eval()
     evaluation = held_out(step)
+    if config.early_stopping and evaluation and best["step"] is not None and evaluation["loss/eval"] > best["loss"]:
+        rm_head.load_weights(training.unwrap(model), out / training.CHECKPOINTS / BEST_FILE)
+        evaluation = held_out(step)
+        say(f"early stopping: kept the weights of step {best['step']} (held-out loss {best['loss']:.4f})")
+    if evaluation:
+        evaluation.update(accuracy_interval(evaluation))
     norm = reward_normalization(
         model,
         norm_sequences,
@@ -383,6 +450,8 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     summary = {
         **{k: v for k, v in last.items() if k != "step"},
         **evaluation,
+        **({"probe/l2": head_fit["l2"]} if head_fit else {}),
+        **({"rm/best_step": best["step"]} if config.early_stopping else {}),
         "steps": step,
         "train_pairs": train_stats.pairs,
         "val_pairs": val_stats.pairs,
@@ -390,18 +459,23 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     if dist.is_main:
         final = models.merged(model) if config.lora else training.unwrap(model)
         final.config.pad_token_id = export_pad_token_id(tokenizer, final.config)
+        ensemble = None
+        if config.ensemble > 1:  # members' gain/bias -> one mean head; the members beside it
+            ensemble, norm["bias"] = rm_head.single_head(final, torch.tensor(norm.pop("member_gain")), torch.tensor(norm.pop("member_bias")))
+            norm.update(gain=1.0, members=config.ensemble)
         keep = models.RUN_FILES
         if config.save_adapter:
             models.save_adapter(model, out / models.ADAPTER_DIR)
             keep = (*keep, models.ADAPTER_DIR)
-        models.save_model_dir(final, tokenizer, out, info, summary, extra={"reward": norm}, keep=keep)
-        accuracy = f"held-out accuracy {evaluation['rm/accuracy']:.3f}, " if evaluation else "no held-out set, "
+        models.save_model_dir(final, tokenizer, out, info, summary, extra={"reward": norm}, keep=keep,
+                              write_extra=None if ensemble is None else ensemble.save)  # fmt: skip
+        accuracy = f"held-out {describe_accuracy(evaluation)}, " if evaluation else "no held-out set, "
         say(f"reward model saved to {out}: {accuracy}reward normalised with gain {norm['gain']:.4g}, bias {norm['bias']:.4g}")
     training.barrier(dist)
     return {
         "out": str(out),
         "steps": step,
-        "epochs": config.epochs,
+        "epochs": epochs,
         "train": dataclasses.asdict(train_stats),
         "val": dataclasses.asdict(val_stats),
         "skipped_invalid": skipped,
@@ -460,7 +534,7 @@ def evaluate(
     if dist.enabled:
         tdist.all_reduce(sums)
     pairs, ordered = sums[0].clamp_min(1), sums[1].clamp_min(1)
-    return {"rm/accuracy": sums[2] / ordered, "rm/margin": sums[3] / ordered, "loss/eval": sums[4] / pairs}
+    return {"rm/accuracy": sums[2] / ordered, "rm/margin": sums[3] / ordered, "loss/eval": sums[4] / pairs, "rm/pairs": sums[1]}
 
 
 @torch.no_grad()
@@ -473,18 +547,21 @@ def raw_rewards(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
-    """Raw rewards of token sequences, (N,) float32 on the CPU, in the given order. Batches are
-    formed by length to waste little on padding."""
+    """Raw rewards of token sequences, (N,) float32 on the CPU ((N, M) for an ensemble), in the given
+    order. Batches are formed by length to waste little on padding."""
     from rlhfkit.generation import right_pad
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = torch.empty(len(sequences), dtype=torch.float32)
+    out: torch.Tensor | None = None
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         ids, mask = right_pad([sequences[r] for r in rows], pad_token_id, device)
         with autocast():
-            out[rows] = last_token_scores(model, ids, mask).float().cpu()
-    return out
+            scores = last_token_scores(model, ids, mask).float().cpu()  # (b,) or (b, M)
+        if out is None:
+            out = torch.empty(len(sequences), *scores.shape[1:], dtype=torch.float32)
+        out[rows] = scores
+    return out if out is not None else torch.empty(0)
 
 
 def reward_normalization(
@@ -502,10 +579,23 @@ def reward_normalization(
     normalised = gain·raw + bias with gain = 1/std and bias = −mean/std. Under torchrun each rank
     scores its shard and the per-rank (count, mean, M2) are combined exactly (Chan et al.). A
     constant reward (std below 1e-6 of its scale) gets gain 1: normalisation only removes the mean.
+
+    An ensemble's members are normalised one by one (``member_gain``, ``member_bias``); the other
+    keys then describe the mean head Σ_m gain_m·raw_m / M that `rm_head.single_head` saves.
     """
     rewards = raw_rewards(
         model, training.shard(sequences, dist), batch_size=batch_size, pad_token_id=pad_token_id, device=device, autocast=autocast
     ).double()
+    if rewards.ndim == 1:
+        return _gain_bias(rewards, device, dist)
+    members = [_gain_bias(column, device, dist) for column in rewards.unbind(-1)]
+    gains = torch.tensor([m["gain"] for m in members], dtype=torch.float64)
+    result = _gain_bias((rewards * gains).mean(-1), device, dist)
+    return {**result, "member_gain": gains.tolist(), "member_bias": [m["bias"] for m in members]}
+
+
+def _gain_bias(rewards: torch.Tensor, device: torch.device, dist: training.Dist) -> dict[str, Any]:
+    """`reward_normalization` of one column of rewards (this rank's shard), combined across ranks."""
     n = float(rewards.numel())
     mean = rewards.mean().item() if n else 0.0
     m2 = ((rewards - mean) ** 2).sum().item() if n else 0.0
@@ -524,6 +614,23 @@ def reward_normalization(
     # a constant reward (up to float32 rounding) cannot be rescaled to std 1: only centre it
     gain = 1.0 / std if std > 1e-6 * max(1.0, abs(mean)) else 1.0
     return {"gain": gain, "bias": -mean * gain, "raw_mean": mean, "raw_std": std, "n": int(n)}
+
+
+def accuracy_interval(evaluation: dict[str, Any], confidence: float = 0.95) -> dict[str, float]:
+    """The Wilson interval of the held-out accuracy over its ordered pairs (pairs of one ranking are
+    correlated, so the true uncertainty is somewhat larger: read it as a lower bound on the spread)."""
+    n = float(evaluation["rm/pairs"])
+    low, high = wilson_interval(float(evaluation["rm/accuracy"]) * n, n, confidence) if n else (0.0, 1.0)
+    return {"rm/accuracy_low": low, "rm/accuracy_high": high}
+
+
+def describe_accuracy(evaluation: dict[str, Any]) -> str:
+    """"accuracy 0.712 [0.601, 0.803] on 73 pairs", and says so when the set is too small to tell."""
+    low, high = evaluation["rm/accuracy_low"], evaluation["rm/accuracy_high"]
+    text = f"accuracy {evaluation['rm/accuracy']:.3f} [{low:.3f}, {high:.3f}] 95% CI on {int(evaluation['rm/pairs'])} pairs"
+    if high - low > TOO_FEW_TO_TELL:
+        text += " [yellow](too few held-out pairs to tell: raise --val-fraction or give --val-data)[/]"
+    return text
 
 
 # --- saving ------------------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Print the hard example's bottom line from a run directory (examples/hard/run.sh):
+
+- the reward model's agreement with the annotator on the strict pairs of the base model's answers
+  to the TEST prompts (topics never ranked for training), with its 95% interval;
+- the PPO policy's win-rate over the base model judged by the annotator, with its 95% interval,
+  at the KL it reached;
+- best-of-n from the base model by the same reward model, at its analytic KL, for comparison;
+- the seconds each stage took.
+
+Usage: python examples/hard/summarize.py RUN [SECONDS]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def rate(w):
+    if not w or w.get("rate") is None:
+        return "n/a"
+    return f"{w['rate']:.1%} [{w['ci_low']:.1%}, {w['ci_high']:.1%}]  ({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"
+
+
+def mean(stat):
+    return "n/a" if not stat else f"{stat['mean']:.2f}"
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    seconds = f", {int(sys.argv[2])} s in all" if len(sys.argv) > 2 else ""
+    print(f"\nrlhfkit hard example ({run}){seconds}")
+
+    agreement = json.loads((run / "rm_agreement.json").read_text())
+    for spec, value in agreement.items():
+        if isinstance(value, dict) and "as_sampled" in value:
+            a = value["as_sampled"]
+            print(f"\nreward model vs annotator, unseen test topics: {a['test_agreement']:.1%} "
+                  f"[{a['ci95'][0]:.1%}, {a['ci95'][1]:.1%}] of {agreement['test_strict_pairs']} strict pairs "
+                  f"(Pearson with the rubric {a['test_pearson_with_rubric']:+.2f})")
+
+    report = json.loads((run / "eval" / "report.json").read_text())
+    base = report["baseline"]
+    print(f"\non {report['prompts']} test prompts x {report['n_samples']} samples, judged by examples/hard/annotator.py:")
+    for policy in report["policies"]:
+        print(f"  {policy['name']} vs {base['name']}: win-rate {rate((policy.get('win_rate') or {}).get('judge'))}")
+        print(f"      KL to {base['name']} {mean(policy.get('kl'))} nats, stopped {policy['stopped']:.0%} "
+              f"({base['name']} {base['stopped']:.0%}), length {mean(policy.get('length'))} tokens ({mean(base.get('length'))})")
+    best = report.get("best_of")
+    if best:
+        print(f"  best-of-{best['n']} by the same RM vs {base['name']}: win-rate {rate((best.get('win_rate') or {}).get('judge'))}")
+        print(f"      KL to {base['name']} {best['kl_analytic']:.2f} nats (analytic, log n - (n-1)/n)")
+
+    times = run / "times.tsv"
+    if times.is_file():
+        print("\nseconds per stage:")
+        for line in times.read_text().splitlines():
+            name, secs = line.rsplit("\t", 1)
+            print(f"  {int(secs):>5}  {name}")
+    print(f"report: {run / 'eval' / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

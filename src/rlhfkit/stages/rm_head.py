@@ -1,0 +1,176 @@
+"""train-rm's score head: what it starts from, what else trains with it, and how an ensemble is kept.
+
+Three choices decide how well a reward model trained on a few hundred comparisons ranks the
+answers to prompts it has never seen (README, "the hard example", measures each):
+
+1. **Probe initialisation** (``--head-init probe``, LP-FT, Kumar et al. 2022): the head is fitted
+   on the frozen backbone's last-token features by Bradley–Terry logistic regression
+   (`rlhfkit.probe`) before any weight of the backbone moves. ``--head-init random`` keeps
+   transformers' fresh random head.
+2. **What trains** (``--trainable-layers N``): the top N decoder layers, the final norm and the
+   head; the rest is frozen. ``0`` keeps the linear probe alone (no fine-tuning of the features);
+   ``-1`` (default) trains every layer. ``--head-lr`` gives the head a learning rate of its own.
+3. **An ensemble** (``--ensemble M``): M heads on one backbone, the InstructGPT batching unchanged
+   (one forward per completion serves all heads). Member m trains on a bootstrap resample of the
+   rankings (`probe.bootstrap_weights`: a ranking drawn twice weighs twice) from its own probe
+   fit, so the members agree where the data is dense and drift apart where it is thin — the
+   spread of their normalised scores is the reward's uncertainty (Lakshminarayanan et al. 2017;
+   Coste et al. 2023). The saved model keeps the interchange format — a one-label classifier
+   whose head is the mean of the normalised members — and the members go to
+   ``ensemble.safetensors`` (`scoring.Ensemble`), which ppo (``--conservative-coef``) and
+   collect (``--select-by``) read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit import rm_data
+from rlhfkit.generation import right_pad
+from rlhfkit.models import base_model
+from rlhfkit.probe import PairFeatures, choose_l2, fit_probe, pair_accuracy
+from rlhfkit.scoring import Ensemble, classifier_parts, last_token_hidden
+from rlhfkit.training import trainable_state_dict
+
+
+@torch.no_grad()
+def pair_features(
+    model: Any,
+    elements: Sequence[rm_data.Element],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> PairFeatures:
+    """Frozen last-token features of every distinct sequence of ``elements`` and their pairs.
+
+    A pair's group is the index of its element (one ranking), so folds and bootstrap resamples
+    keep the correlated pairs of a ranking together.
+    """
+    sequences: dict[tuple[int, ...], int] = {}
+    winners, losers, ties, groups = [], [], [], []
+    for g, element in enumerate(elements):
+        rows = [sequences.setdefault(seq, len(sequences)) for seq in element.sequences]
+        winners += [rows[i] for i in element.winners]
+        losers += [rows[i] for i in element.losers]
+        ties += list(element.ties or [False] * element.num_pairs)
+        groups += [g] * element.num_pairs
+    ordered = list(sequences)
+    order = sorted(range(len(ordered)), key=lambda i: len(ordered[i]))  # little padding per batch
+    features: torch.Tensor | None = None
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask = right_pad([ordered[r] for r in rows], pad_token_id, device)
+        with autocast():
+            hidden = last_token_hidden(model, ids, mask).float().cpu()  # (b, H)
+        if features is None:
+            features = torch.empty(len(ordered), hidden.size(1))
+        features[rows] = hidden
+    assert features is not None
+    return PairFeatures(features, torch.tensor(winners), torch.tensor(losers), torch.tensor(ties), torch.tensor(groups))
+
+
+def init_heads_by_probe(
+    model: Any, pairs: PairFeatures, element_weights: torch.Tensor, *, l2: float | None, seed: int
+) -> dict[str, Any]:
+    """Set each head row m to the probe fitted on member m's resample; returns what was chosen.
+
+    ``element_weights`` (M, E): member m's weight of element (ranking) e. λ is ``l2``, or chosen by
+    cross-validation over the rankings (`probe.choose_l2`) when None.
+    """
+    _, head = classifier_parts(model)
+    cv: dict[float, float] = {}
+    if l2 is None:
+        l2, cv = choose_l2(pairs, seed=seed)
+    weights = element_weights[:, pairs.groups]  # (M, P)
+    rows = [fit_probe(pairs, l2=l2, weights=None if bool((w == 1).all()) else w) for w in weights]
+    with torch.no_grad():
+        head.weight.copy_(torch.stack(rows).to(head.weight))
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()  # an offset cancels in every pair; the normalisation sets it later
+    return {"l2": l2, "cv_loss": cv, "train_accuracy": pair_accuracy(rows[0], pairs) if len(rows) == 1 else None}
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The stack of transformer blocks of a Hugging Face model (Llama-style ``layers``, GPT-2 ``h``)."""
+    backbone, _ = classifier_parts(model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(backbone, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise TypeError(f"{type(backbone).__name__}: cannot find its decoder layers for --trainable-layers")
+
+
+def freeze_lower_layers(model: Any, trainable_layers: int) -> int:
+    """Freeze everything but the top ``trainable_layers`` blocks, the final norm and the head.
+
+    Returns the number of parameters left trainable. ``-1`` leaves the model as it is.
+    """
+    if trainable_layers < 0:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backbone, head = classifier_parts(model)
+    layers = decoder_layers(model)
+    keep = set(map(id, head.parameters()))
+    for layer in list(layers)[len(layers) - trainable_layers :] if trainable_layers else []:
+        keep |= set(map(id, layer.parameters()))
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        final_norm = getattr(backbone, name, None)
+        if final_norm is not None:
+            keep |= set(map(id, final_norm.parameters()))
+    for p in base_model(model).parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pair_weights(element_weights: torch.Tensor, chunk: Sequence[int], elements: Sequence[rm_data.Element]) -> torch.Tensor:
+    """(M, P) weights of the pairs of a micro-batch (in `rm_data.collate`'s order: element by element)."""
+    index = torch.repeat_interleave(torch.tensor(list(chunk)), torch.tensor([e.num_pairs for e in elements]))
+    return element_weights[:, index]
+
+
+def save_weights(model: Any, path: Path) -> None:
+    """The trainable weights (`training.trainable_state_dict`) as safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in trainable_state_dict(model).items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load what `save_weights` wrote back into ``model`` (the frozen rest is unchanged)."""
+    from safetensors.torch import load_file
+
+    missing_ok = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing_ok.unexpected_keys:
+        raise RuntimeError(f"{path}: unexpected weights {missing_ok.unexpected_keys[:3]}")
+
+
+def single_head(model: Any, gains: torch.Tensor, biases: torch.Tensor) -> tuple[Ensemble, float]:
+    """Turn an M-head classifier into the one-label interchange model in place.
+
+    The new head is Σ_m gain_m·w_m / M; with bias mean_m(bias_m) its normalised score is the mean
+    of the members' normalised scores. Returns the members (`scoring.Ensemble`) and that bias.
+    """
+    _, head = classifier_parts(model)
+    weight = head.weight.detach().float().cpu().clone()  # (M, H)
+    mean_head = (gains[:, None].float() * weight).mean(0, keepdim=True)  # (1, H)
+    plain = base_model(model)
+    new = torch.nn.Linear(weight.size(1), 1, bias=False).to(head.weight)
+    with torch.no_grad():
+        new.weight.copy_(mean_head.to(new.weight))
+    attr = "score" if getattr(plain, "score", None) is not None else "classifier"
+    setattr(plain, attr, new)
+    plain.config.num_labels = 1
+    plain.num_labels = 1
+    return Ensemble(weight, gains.float(), biases.float()), float(biases.float().mean())
