@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "rlhfkit.testing",
             "rlhfkit.tracking",
             "rlhfkit.modelcard",
+            "rlhfkit.ilql_heads",
         ),
     ),  # fmt: skip
     ("training", ("rlhfkit.training",)),

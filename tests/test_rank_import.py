@@ -88,6 +88,8 @@ def test_native_ranking_of_four_gives_six_pairs(cli, tmp_path, samples_file):
         "annotator": "ann-2",
         "chosen_policy": "ppo",
         "rejected_policy": "sft",
+        "chosen_finish_reason": "stop",
+        "rejected_finish_reason": "stop",
         "prompt_id": "p1",
         "chosen_id": "p1-c",
         "rejected_id": "p1-a",
@@ -450,3 +452,24 @@ def test_out_dash_streams_pairs_and_reports_on_stderr(cli, tmp_path, samples_fil
     assert '"pairs": 1' in result.stderr
     result = cli("rank-import", rankings, "--samples", samples_file, "--out", "-", "--val-fraction", "0.2")
     assert result.exit_code == 1 and "give --val-out FILE" in result.stderr
+
+
+def test_finish_reasons_travel_to_the_comparisons_and_the_reward_model_sees_them(tmp_path, tokenizer):
+    """A cut-off completion (finish_reason "length") is scored without the EOS, in train-rm as in ppo:
+    rank-import copies each completion's finish_reason into the comparison."""
+    from rlhfkit import rm_data
+    from rlhfkit.data import records
+    from rlhfkit.rankings import SampleIndex
+    from rlhfkit.stages.rank_import import Pair, comparison_record
+
+    sample = records.parse_samples({"prompt_id": "p", "prompt": "Say hi.", "completions": [
+        {"id": "a", "text": "hi there", "finish_reason": "stop"},
+        {"id": "b", "text": "hello hello hello", "finish_reason": "length"}]})  # fmt: skip
+    record = comparison_record(Pair("p", "a", "b", "p/x", None, None), SampleIndex([sample]))
+    assert record["chosen_finish_reason"] == "stop" and record["rejected_finish_reason"] == "length"
+    comparison = records.parse_comparison(record)
+    (element,), _ = rm_data.build_elements([comparison], rm_data.Encoder(tokenizer), 1024)
+    chosen, rejected = element.sequences[element.winners[0]], element.sequences[element.losers[0]]
+    assert chosen[-1] == tokenizer.eos_token_id and rejected[-1] != tokenizer.eos_token_id
+    with pytest.raises(records.RecordError, match="expected 'stop' or 'length'"):
+        records.parse_comparison({**record, "chosen_finish_reason": "eos"})

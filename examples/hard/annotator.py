@@ -26,9 +26,10 @@ arithmetic a reader can check with ``--explain FILE`` (writes each completion's 
   repetition   -3 x the share of repeated word trigrams (a loop of the same phrase costs up to 3 points)
 
 An answer with fewer than 3 words scores -3 whatever else holds. Scores are rounded to the nearest
-0.5; completions with equal rounded scores are tied (about a quarter of SmolLM2-135M-Instruct's
-sample pairs on the bundled prompts). No aspect dominates: a reward model has to see length,
-ending, sentence shape, the opening, wording and numbers together to agree with it.
+whole point; completions with equal rounded scores are tied (32% of the couples among 4 answers of
+SmolLM2-135M-Instruct to the train prompts, 22% on the test prompts). No aspect decides alone:
+ordered by any single aspect, the strict pairs agree with the ranking 57-65% of the time; ended and
+length together 73%; all seven are needed for the rest.
 
 ``--annotators N --noise P`` simulates N labelers who each swap adjacent tiers with probability P.
 """
@@ -187,8 +188,9 @@ def main() -> None:
         if explain:
             question = prompt_text(sample["prompt"])
             for c in sample["completions"]:
-                parts = aspects(question, c["text"], c.get("finish_reason", "stop"))
-                row = {"prompt_id": sample["prompt_id"], "id": c["id"], "score": rubric(question, c["text"], c.get("finish_reason", "stop"))}
+                reason = c.get("finish_reason", "stop")
+                parts = aspects(question, c["text"], reason)
+                row = {"prompt_id": sample["prompt_id"], "id": c["id"], "score": rubric(question, c["text"], reason)}
                 explain.write(json.dumps({**row, **{k: round(v, 3) for k, v in parts.items()}}) + "\n")
         for a in range(args.annotators):
             name = "rubric" if args.annotators == 1 else f"rubric-{a}"

@@ -167,7 +167,8 @@ def cached_features(model_path: str, rows: list[dict], batch_size: int, cache_di
 
     if not cache_dir:
         return features(model_path, rows, batch_size)
-    key = hashlib.sha256(json.dumps([os.path.abspath(model_path)] + [[r["prompt"], r["text"], r["stopped"]] for r in rows]).encode()).hexdigest()[:16]
+    what = [os.path.abspath(model_path)] + [[r["prompt"], r["text"], r["stopped"]] for r in rows]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))
@@ -312,7 +313,8 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--test", required=True)
-    p.add_argument("--prompts", nargs="+", default=["examples/hard/data/train_prompts.jsonl", "examples/hard/data/test_prompts.jsonl"])
+    data = Path(__file__).resolve().parent / "data"
+    p.add_argument("--prompts", nargs="+", default=[str(data / "train_prompts.jsonl"), str(data / "test_prompts.jsonl")])
     p.add_argument("--l2", default="0.001,0.01,0.1,1,3,10")
     p.add_argument("--all-stopped", action="store_true", help="append EOS to every completion (as train-rm does)")
     p.add_argument("--cache", default=None, help="folder to keep the features in (reused when the samples are the same)")

@@ -39,6 +39,7 @@ PPO_KL=${PPO_KL:-0.05}
 PPO_EOS_PENALTY=${PPO_EOS_PENALTY:--1.0}
 PPO_EXTRA=${PPO_EXTRA:---value-head policy --ppo-epochs 2}
 EVAL_SAMPLES=${EVAL_SAMPLES:-2}
+EVAL_BATCH=${EVAL_BATCH:-48}
 BEST_OF=${BEST_OF:-4}
 JUDGE="$PYTHON $HERE/annotator.py"
 
@@ -75,7 +76,7 @@ stage "RM vs annotator on unseen topics: $K base-model answers per test prompt"
 [ -f "$RUN/test_collect.json" ] || $RLHFKIT collect --policy "base=$RUN/base" --prompts "$TEST_PROMPTS" --k "$K" \
   --out "$RUN/test_samples.jsonl" --max-new-tokens "$TOKENS" --temperature "$TEMPERATURE" --seed "$((SEED + 1))" \
   > "$RUN/test_collect.json"
-$PYTHON $HERE/feasibility.py rm --rm "$RUN/rm" --test "$RUN/test_samples.jsonl" > "$RUN/rm_agreement.json"
+[ -f "$RUN/rm_agreement.json" ] || $PYTHON $HERE/feasibility.py rm --rm "$RUN/rm" --test "$RUN/test_samples.jsonl" > "$RUN/rm_agreement.json"
 
 stage "ppo: against the reward model, KL to the base model"
 # shellcheck disable=SC2086
@@ -86,7 +87,7 @@ stage "ppo: against the reward model, KL to the base model"
 
 stage "eval: PPO vs base on the test prompts, judged by the annotator; best-of-$BEST_OF by the same RM"
 [ -f "$RUN/eval.json" ] || $RLHFKIT eval --policy "ppo=$RUN/ppo" --baseline "base=$RUN/base" --rm "$RUN/rm" --judge "$JUDGE" \
-  --prompts "$TEST_PROMPTS" --n-samples "$EVAL_SAMPLES" --best-of "$BEST_OF" --max-new-tokens "$TOKENS" \
+  --prompts "$TEST_PROMPTS" --n-samples "$EVAL_SAMPLES" --batch-size "$EVAL_BATCH" --best-of "$BEST_OF" --max-new-tokens "$TOKENS" \
   --temperature "$TEMPERATURE" --seed "$SEED" --checkpoints "$RUN/ppo" --out "$RUN/eval" > "$RUN/eval.json"
 
 stage "done"

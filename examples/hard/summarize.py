@@ -32,7 +32,7 @@ def main() -> None:
     print(f"\nrlhfkit hard example ({run}){seconds}")
 
     agreement = json.loads((run / "rm_agreement.json").read_text())
-    for spec, value in agreement.items():
+    for value in agreement.values():
         if isinstance(value, dict) and "as_sampled" in value:
             a = value["as_sampled"]
             print(f"\nreward model vs annotator, unseen test topics: {a['test_agreement']:.1%} "
@@ -48,7 +48,8 @@ def main() -> None:
               f"({base['name']} {base['stopped']:.0%}), length {mean(policy.get('length'))} tokens ({mean(base.get('length'))})")
     best = report.get("best_of")
     if best:
-        print(f"  best-of-{best['n']} by the same RM vs {base['name']}: win-rate {rate((best.get('win_rate') or {}).get('judge'))}")
+        judged = (best.get("win_rate") or {}).get("judge")
+        print(f"  best-of-{best['n']} by the same RM vs {base['name']}: win-rate {rate(judged)}")
         print(f"      KL to {base['name']} {best['kl_analytic']:.2f} nats (analytic, log n - (n-1)/n)")
 
     times = run / "times.tsv"

@@ -214,7 +214,12 @@ class ScriptedReward(Reward):
             values = self.fn(list(prompts), list(completions))
         except (Exception, SystemExit) as e:  # the user's code: report it as a one-line error naming the function
             raise RlhfkitError(f"{self.name}: {_raised(e)} while scoring") from e
-        return torch.tensor(script_scores(self.name, values, len(completions)), dtype=torch.float32, device=self.device)
+        checked = script_scores(self.name, values, len(completions))
+        scores = torch.tensor(checked, dtype=torch.float32, device=self.device)
+        if not bool(torch.isfinite(scores).all()):
+            i = int((~torch.isfinite(scores)).nonzero()[0])
+            raise RlhfkitError(f"{self.name}: returned a score too large for float32 ({checked[i]:g}) at position {i}")
+        return scores
 
 
 def script_scores(name: str, values: Any, n: int) -> list[float]:

@@ -8,8 +8,9 @@ completion goes through the model once, not once per pair (K forward passes inst
 Here a batch **element** is:
 
 * all comparisons that share a ``group`` (rank-import writes one group per ranking by one
-  annotator): their *distinct* completions, each encoded once — deduplicated by the
-  (prompt, completion) content — and the list of (winner, loser) index pairs between them;
+  annotator): their *distinct* completions, each encoded once — deduplicated by their token ids
+  (prompt + completion, with the EOS only when the completion ended: a ``finish_reason`` of
+  ``length`` in the comparison means it was cut off) — and the (winner, loser) index pairs between them;
 * or one comparison without ``group`` (public prompt/chosen/rejected data): two sequences and
   one pair.
 
@@ -130,21 +131,21 @@ def build_elements(comparisons: Iterable[Comparison], encode: Encoder, max_lengt
 
     elements = []
     for group, members in order:
-        index: dict[tuple[str, str], int] = {}  # (prompt, completion) content -> row in `sequences`
+        index: dict[tuple[int, ...], int] = {}  # prompt + completion ids -> row in `sequences`
         sequences: list[tuple[int, ...]] = []
         winners, losers, margins, ties = [], [], [], []
         for c in members:
-            chosen, rejected = encode(c.prompt, c.chosen), encode(c.prompt, c.rejected)
+            chosen = encode(c.prompt, c.chosen, stopped=c.chosen_stopped)
+            rejected = encode(c.prompt, c.rejected, stopped=c.rejected_stopped)
             if len(chosen) > max_length or len(rejected) > max_length:
                 stats.dropped_too_long += 1
                 continue
-            for completion, ids in ((c.chosen, chosen), (c.rejected, rejected)):
-                key = (content_key(c.prompt), content_key(completion))
-                if key not in index:
-                    index[key] = len(sequences)
+            for ids in (chosen, rejected):  # the token ids themselves tell completions apart (EOS or not)
+                if ids not in index:
+                    index[ids] = len(sequences)
                     sequences.append(ids)
-            winners.append(index[content_key(c.prompt), content_key(c.chosen)])
-            losers.append(index[content_key(c.prompt), content_key(c.rejected)])
+            winners.append(index[chosen])
+            losers.append(index[rejected])
             margins.append(c.margin if c.margin is not None else 0.0)
             ties.append(c.margin == 0.0)
         if not winners:
@@ -245,14 +246,14 @@ def split_by_prompt(comparisons: Sequence[Comparison], fraction: float, seed: in
 
 def comparison_completions(comparisons: Iterable[Comparison]) -> list[tuple[Conversation, Conversation, bool]]:
     """The distinct (prompt, completion, stopped) of comparisons, in order of first appearance."""
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, bool]] = set()
     out = []
     for c in comparisons:
-        for completion in (c.chosen, c.rejected):
-            key = (content_key(c.prompt), content_key(completion))
+        for completion, stopped in ((c.chosen, c.chosen_stopped), (c.rejected, c.rejected_stopped)):
+            key = (content_key(c.prompt), content_key(completion), stopped)
             if key not in seen:
                 seen.add(key)
-                out.append((c.prompt, completion, True))
+                out.append((c.prompt, completion, stopped))
     return out
 
 

@@ -9,8 +9,8 @@ which ``rlhfkit label`` showed the completions that its judgement logs refer to)
 scheme     value                                                               used by
 =========  ==================================================================  ======================
 ``hex60``  first 15 hex digits (60 bits) of sha256 of the parts joined by \\x1f  collect (rows, shuffle)
-``sha63``  first 8 bytes of sha256 of the parts joined by ``/``, shifted to     eval (rows, judge order)
-           63 bits
+``sha63``  first 8 bytes of sha256 of the parts joined by ``/``, shifted to     eval (rows, judge order),
+           63 bits                                                             ppo --judge (rows, order)
 ``poly``   ``((p0·M + p1)·M + p2)·… mod 2⁶³`` with M = 1 000 003 (integers)     ppo (seed, step, row)
 ``hex64``  first 16 hex digits (64 bits) of sha256 of the parts joined by \\0   label (order, k-max, export)
 =========  ==================================================================  ======================

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from rlhfkit import __version__
-from rlhfkit.cli import collect, dpo, plot, ppo, rank_import, sft, train_rm, validate
+from rlhfkit.cli import collect, dpo, ilql, plot, ppo, rank_import, sft, train_rm, validate
 from rlhfkit.cli import eval as eval_cmd
 from rlhfkit.cli import label as label_cmd
 from rlhfkit.cli.common import GENERAL, set_debug, use_config_file
@@ -84,6 +84,7 @@ app.command("rank-import", rich_help_panel=RECIPE)(rank_import.command)
 app.command("train-rm", rich_help_panel=RECIPE)(train_rm.command)
 app.command("ppo", rich_help_panel=RECIPE)(ppo.command)
 app.command("dpo", rich_help_panel=RECIPE)(dpo.command)  # instead of train-rm + ppo
+app.command("ilql", rich_help_panel=RECIPE)(ilql.command)  # offline RL instead of ppo
 app.command("eval", rich_help_panel=RECIPE)(eval_cmd.command)
 app.command("validate", rich_help_panel=TOOLS)(validate.command)
 app.command("plot", rich_help_panel=TOOLS)(plot.command)

@@ -244,6 +244,8 @@ def run_command(fn: Callable[[], Any]) -> None:
         result = fn()
     except RlhfkitError as e:
         fail(e)
+    except OSError as e:  # the environment: a full disk, a file that vanished or may not be written
+        fail(RlhfkitError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}"))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None

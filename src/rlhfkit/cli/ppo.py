@@ -177,13 +177,6 @@ def command(
         int, option("PPO-ptx sequences per micro-batch (0 = the micro-batch size).", PTX)
     ] = D.ptx_batch_size,
     ptx_max_length: Annotated[int, option("Cut PPO-ptx sequences to this many tokens.", PTX)] = D.ptx_max_length,
-    save_every: Annotated[int, option("Checkpoint every N PPO steps (0 = only at the end).", RUN_PANEL)] = D.save_every,
-    keep_checkpoints: KeepCheckpointsOption = D.keep_checkpoints,
-    resume: ResumeOption = D.resume,
-    sample_every: Annotated[
-        int, option("Print a table of samples and append them to OUT/samples.jsonl every N steps (0 = never).", RUN_PANEL)
-    ] = D.sample_every,
-    num_samples: Annotated[int, option("Rows in each sample table.", RUN_PANEL)] = D.num_samples,
     judge: Annotated[
         str,
         option(
@@ -211,6 +204,13 @@ def command(
             JUDGE,
         ),
     ] = D.keep_best,
+    save_every: Annotated[int, option("Checkpoint every N PPO steps (0 = only at the end).", RUN_PANEL)] = D.save_every,
+    keep_checkpoints: KeepCheckpointsOption = D.keep_checkpoints,
+    resume: ResumeOption = D.resume,
+    sample_every: Annotated[
+        int, option("Print a table of samples and append them to OUT/samples.jsonl every N steps (0 = never).", RUN_PANEL)
+    ] = D.sample_every,
+    num_samples: Annotated[int, option("Rows in each sample table.", RUN_PANEL)] = D.num_samples,
     lora: Annotated[
         bool,
         option(

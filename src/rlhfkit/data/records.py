@@ -239,10 +239,23 @@ class Comparison:
     annotator: str | None = None
     chosen_policy: str | None = None
     rejected_policy: str | None = None
+    # "stop" or "length" (collect's finish_reason, copied by rank-import): a completion that was cut
+    # off is scored without the EOS, as ppo scores it; None (public data) = it ended
+    chosen_finish_reason: str | None = None
+    rejected_finish_reason: str | None = None
+
+    @property
+    def chosen_stopped(self) -> bool:
+        return self.chosen_finish_reason != "length"
+
+    @property
+    def rejected_stopped(self) -> bool:
+        return self.rejected_finish_reason != "length"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
-        for name in ("group", "margin", "annotator", "chosen_policy", "rejected_policy"):
+        for name in ("group", "margin", "annotator", "chosen_policy", "rejected_policy", "chosen_finish_reason",
+                     "rejected_finish_reason"):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -278,6 +291,11 @@ def parse_comparison(record: dict) -> Comparison:
     optional = {
         k: get_field(record, k, (str, int), required=False) for k in ("group", "annotator", "chosen_policy", "rejected_policy")
     }
+    for name in ("chosen_finish_reason", "rejected_finish_reason"):
+        finish = get_field(record, name, str, required=False)
+        if finish is not None and finish not in ("stop", "length"):
+            raise RecordError(name, f"expected 'stop' or 'length', got {finish!r}")
+        optional[name] = finish
     return Comparison(
         prompt=prompt,
         chosen=chosen,

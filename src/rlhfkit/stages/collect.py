@@ -215,6 +215,7 @@ class Policy:
 
 def load_policies(specs: Sequence[PolicySpec], config: CollectConfig) -> list[Policy]:
     from rlhfkit.chat import stop_token_ids
+    from rlhfkit.ilql_heads import for_sampling
     from rlhfkit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
@@ -223,6 +224,7 @@ def load_policies(specs: Sequence[PolicySpec], config: CollectConfig) -> list[Po
     for spec in specs:
         tokenizer = load_tokenizer(spec.path, trust_remote_code=config.trust_remote_code)
         model = load_model(spec.path, "causal-lm", dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
+        model = for_sampling(model, spec.path)  # an ILQL model samples from logits + β·(Q − V)
         out.append(Policy(spec, model, tokenizer, stop_token_ids(tokenizer, model.config)))
     return out
 

@@ -140,11 +140,13 @@ class Sampler:
         self.sampling_seconds = 0.0
 
     def load(self, path: str) -> tuple[Any, Any]:
+        from rlhfkit.ilql_heads import for_sampling
         from rlhfkit.models import disable_dropout, load_model, load_tokenizer
 
         model = load_model(
             path, "causal-lm", dtype=self.dtype, device=self.device, trust_remote_code=self.config.trust_remote_code
         )
+        model = for_sampling(model, path)  # an ILQL model samples (and is scored) with logits + β·(Q − V)
         disable_dropout(model)
         model.eval()
         return model, load_tokenizer(path, trust_remote_code=self.config.trust_remote_code)
@@ -232,6 +234,9 @@ class Sampler:
                     prompts = [self.items[i].prompt for i in batch]
                     ids = args if same_vocab else (None, None, None, None)  # else the reward re-encodes the texts
                     scores = self.reward.score(prompts, texts, *ids, stopped=rollout.stopped).float().tolist()
+                    bad = next((v for v in scores if not math.isfinite(v)), None)
+                    if bad is not None:  # a report holds numbers only
+                        raise RlhfkitError(f"--rm {config.rm}: scored a completion of {name} {bad} (not a finite number)")
                 stopped = rollout.stopped.tolist()
                 for b in range(len(batch)):
                     out.append(

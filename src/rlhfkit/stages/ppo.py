@@ -10,8 +10,9 @@ and InstructGPT (Ouyang et al. 2022), as reproduced in lm-human-preference-detai
     temperature for both, and the values of the critic — in the very micro-batches and through the
     very function the first PPO epoch uses, so with equal weights the KL is exactly 0 and the
     first ratio exactly 1;
- 4. scores from the reward at the last real token, normalised, optionally clipped; a completion
-    that never stopped gets ``--missing-eos-penalty`` instead, if set;
+ 4. scores from the reward at the last real token, normalised (a reward-model ensemble: mean −
+    λ·std over its members, λ = ``--conservative-coef``), optionally clipped; a completion that
+    never stopped gets ``--missing-eos-penalty`` instead, if set;
  5. per-token rewards −β·kl_t with the score added on the last response token;
  6. optional reward whitening (without a mean shift);
  7. GAE over the response (values and rewards zero after its end), advantages whitened;
@@ -47,8 +48,9 @@ checkpoints, the final policy), `ppo_step` (the outline above, in order) and one
 phase below it. Beside it: `rlhfkit.stages.ppo_options` (option checks, batch sizes),
 `rlhfkit.stages.ppo_data` (prompts and their order, row seeds, the `Experience` batch, the PPO-ptx
 feed), `rlhfkit.stages.ppo_models` (policy, reference, reward, critic, LoRA) and
-`rlhfkit.stages.ppo_samples` (samples.jsonl and the sample table). The losses, GAE, whitening and
-KL controllers are in `rlhfkit.losses`; the actor-critic forward in `rlhfkit.value`.
+`rlhfkit.stages.ppo_samples` (samples.jsonl and the sample table) and `rlhfkit.stages.ppo_judge`
+(``--judge``: the judge's win-rate over the starting policy, the best policy kept). The losses, GAE,
+whitening and KL controllers are in `rlhfkit.losses`; the actor-critic forward in `rlhfkit.value`.
 """
 
 from __future__ import annotations

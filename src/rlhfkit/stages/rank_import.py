@@ -133,6 +133,7 @@ def comparison_record(pair: Pair, index: SampleIndex) -> dict[str, Any]:
         record["chosen_policy"] = chosen.policy
     if rejected.policy:
         record["rejected_policy"] = rejected.policy
+    record.update(chosen_finish_reason=chosen.finish_reason, rejected_finish_reason=rejected.finish_reason)
     record.update(prompt_id=pair.prompt_id, chosen_id=pair.chosen, rejected_id=pair.rejected)
     return record
 
