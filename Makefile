@@ -11,10 +11,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test test-slow lint help demo demo-tiny smollm2 bench
 
-# extras: label (the ranking web app), trackers (--report-to's experiment trackers, read back by the tests)
+# extras: label (the ranking web app), trackers (--report-to's experiment trackers, read back by the tests),
+# serve (`transformers serve`, the OpenAI-compatible server the served-generation tests start)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,label,trackers]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,label,trackers,serve]'
 	touch $@
 
 install: $(VENV)/.installed

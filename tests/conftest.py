@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +31,20 @@ REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 
 
+# the scripted rewards ppo, its algorithms and collect train against in the tests
+E_COUNT = f"python:{REPO / 'examples' / 'scripted_rewards.py'}:letter_e_count"
+SLOW_E_COUNT = f"python:{REPO / 'tests' / 'ppo_rewards.py'}:slow_e_count"
+# six prompts, plain and chat, of different lengths: the ppo tests' prompt file (`prompts_file`)
+PROMPTS = [
+    {"id": "a", "prompt": "the cat"},
+    {"id": "b", "messages": [{"role": "user", "content": "Tell me a story about a dog."}]},
+    {"id": "c", "prompt": "What is the sky"},
+    {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
+    {"id": "e", "prompt": "one two three"},
+    {"id": "f", "prompt": "The river and the sea"},
+]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """One JSON object per line; returns ``path``."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -44,6 +61,39 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def rlhfkit_command(*args: object) -> list[str]:
     """``python -m rlhfkit ARGS...`` with this interpreter."""
     return [sys.executable, "-m", "rlhfkit", *[str(a) for a in args]]
+
+
+def kill_at_checkpoint(proc: subprocess.Popen, out: Path, step: int, poll: float = 0.01) -> None:
+    """SIGKILL the run ``proc`` (writing ``out``) as soon as its step-``step`` checkpoint is complete,
+    and check that it died mid-run (no model file yet)."""
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / f"step-{step:06d}" / "state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1].decode()[-2000:]
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()  # it died mid-run
+
+
+def wait_all(*procs: subprocess.Popen) -> None:
+    """Wait for the runs to finish; each must succeed (its stderr's tail shown otherwise)."""
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def measured_metrics(out: Path, drop: tuple[str, ...] = ("perf/",)) -> list[dict]:
+    """The metrics lines of the run in ``out`` without the timing keys (prefixes ``drop``), which
+    differ between two runs that compute the same."""
+    from rlhfkit.training import read_metrics
+
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(out)]
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    """`PROMPTS` as a prompt file under tmp_path."""
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 @pytest.fixture(scope="session")

@@ -7,36 +7,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, rlhfkit_command, subprocess_env, write_jsonl
+from conftest import E_COUNT, REPO, SLOW_E_COUNT, kill_at_checkpoint, measured_metrics, rlhfkit_command, subprocess_env, wait_all
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
 from rlhfkit.stages import ppo, ppo_data, ppo_models
 from rlhfkit.training import make_optimizer, read_metrics
-
-E_COUNT = f"python:{REPO / 'examples' / 'scripted_rewards.py'}:letter_e_count"
-SLOW_E_COUNT = f"python:{REPO / 'tests' / 'ppo_rewards.py'}:slow_e_count"
-PROMPTS = [
-    {"id": "a", "prompt": "the cat"},
-    {"id": "b", "messages": [{"role": "user", "content": "Tell me a story about a dog."}]},
-    {"id": "c", "prompt": "What is the sky"},
-    {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
-    {"id": "e", "prompt": "one two three"},
-    {"id": "f", "prompt": "The river and the sea"},
-]
-
-
-@pytest.fixture()
-def prompts_file(tmp_path):
-    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 def make_config(policy, prompts, out, **overrides) -> PPOConfig:
@@ -141,6 +123,19 @@ def test_grpo_kl_is_a_loss_term_unless_kl_in_reward(tiny_llama_dir, prompts_file
     assert loss_term["metrics"]["objective/kl"] != 0 and in_reward["metrics"]["objective/kl"] != 0
 
 
+def test_grpo_with_lora_trains_adapters_and_measures_the_kl_to_the_adapter_switched_off(tiny_llama_dir, prompts_file, tmp_path):
+    config = make_config(tiny_llama_dir, prompts_file, tmp_path / "out", algo="grpo", k=2, lora=True, lora_r=4, lr=1e-2,
+                         ppo_epochs=2)  # fmt: skip
+    models, optimizer, items = setup(config)
+    assert models.reference is None and models.core.critic is None  # one backbone in memory, no critic
+    before = weights(models.policy)
+    first = one_step(models, optimizer, items, config)
+    second = one_step(models, optimizer, items, config, step=1)
+    changed = {k for k, v in weights(models.policy).items() if not torch.equal(before[k], v)}
+    assert changed and all("lora_" in k for k in changed)
+    assert first["metrics"]["objective/kl"] == 0 and second["metrics"]["loss/kl"] > 0
+
+
 # --- end to end -------------------------------------------------------------------------------------
 
 
@@ -187,10 +182,7 @@ def test_resume_from_a_checkpoint_continues_exactly(cli, tiny_llama_dir, prompts
     a, b = load_file(str(full / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    def measured(out: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if not k.startswith(("perf/", "time/"))} for r in read_metrics(out)]
-
-    assert measured(run) == measured(full)
+    assert measured_metrics(run, drop=("perf/", "time/")) == measured_metrics(full, drop=("perf/", "time/"))
     assert (full / "samples.jsonl").read_text() == (run / "samples.jsonl").read_text()
 
 
@@ -205,17 +197,8 @@ def test_sigkill_and_resume_rloo(tiny_llama_dir, prompts_file, tmp_path):
 
     full, killed_out = start(tmp_path / "full"), tmp_path / "killed"
     killed = start(killed_out)
-    deadline = time.time() + 120
-    while not (killed_out / "checkpoints" / "step-000002" / "state.json").is_file():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1].decode()[-2000:]
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (killed_out / "model.safetensors").exists()
-    resumed = start(killed_out, "--resume")
-    for p in (full, resumed):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-2000:]
+    kill_at_checkpoint(killed, killed_out, 2, poll=0.02)
+    wait_all(full, start(killed_out, "--resume"))
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(killed_out / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k])

@@ -157,9 +157,9 @@ def test_choices_come_from_the_configs_literal_types():
 
 def test_one_help_panel_layout():
     """Every option sits in a panel; the shared panels come last, in the same order, in every command."""
-    from rlhfkit.cli.common import GENERAL, LORA_PANEL, RUN_PANEL
+    from rlhfkit.cli.common import GENERAL, LORA_PANEL, RUN_PANEL, SCALE_PANEL
 
-    shared = [RUN_PANEL, LORA_PANEL, GENERAL]
+    shared = [RUN_PANEL, LORA_PANEL, SCALE_PANEL, GENERAL]
     for name, params, _ in _commands():
         panels = list(
             dict.fromkeys(getattr(info, "rich_help_panel", None) for field, (_, info, _) in params.items() if field != "rankings")

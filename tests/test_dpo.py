@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, rlhfkit_command, subprocess_env, write_jsonl
+from conftest import REPO, kill_at_checkpoint, measured_metrics, rlhfkit_command, subprocess_env, wait_all, write_jsonl
 from preference_rows import comparisons
 from rlhfkit import rm_data
 from rlhfkit.data import records
@@ -56,6 +54,10 @@ def test_groups_split_and_ties_follow_train_rm(tokenizer, tmp_path):
     from rlhfkit.chat import encode_completion
 
     assert ranking.completions[0] == tuple(encode_completion(tokenizer, rows[0]["chosen"], stopped=True))  # ends with EOS
+    cut = records.parse_comparison({"prompt": "p", "chosen": "a b", "rejected": "a b c", "rejected_finish_reason": "length"})
+    (group,), _ = preference_data.build_groups([cut], encode, max_length=1024)
+    assert group.completions[0][-1] == tokenizer.eos_token_id  # stopped: ends with EOS; cut off at the length limit: not
+    assert group.completions[1] == tuple(encode_completion(tokenizer, "a b c", stopped=False))
     _, short = preference_data.build_groups(train, encode, max_length=len(ranking.prompt) + 2)
     assert short.pairs == 0 and short.dropped_too_long == sum(c.margin != 0 for c in train)
 
@@ -154,10 +156,7 @@ def test_resume_from_a_checkpoint_continues_exactly_and_reuses_the_cached_refere
     a, b = load_file(str(full / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    def measured(out: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(out)]
-
-    assert measured(run) == measured(full)
+    assert measured_metrics(run) == measured_metrics(full)
 
 
 @pytest.mark.slow  # two subprocesses
@@ -170,17 +169,8 @@ def test_sigkill_and_resume(tiny_llama_dir, data, tmp_path):
 
     full, killed_out = start(tmp_path / "full"), tmp_path / "killed"
     killed = start(killed_out)
-    deadline = time.time() + 120
-    while not (killed_out / "checkpoints" / "step-000004" / "state.json").is_file():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1].decode()[-2000:]
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (killed_out / "model.safetensors").exists()  # it died mid-run
-    resumed = start(killed_out, "--resume")
-    for p in (full, resumed):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-2000:]
+    kill_at_checkpoint(killed, killed_out, 4)
+    wait_all(full, start(killed_out, "--resume"))
     a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(killed_out / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k])

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, write_jsonl
+from conftest import E_COUNT
 from rlhfkit import models
 from rlhfkit.chat import encode_completion, encode_prompt
 from rlhfkit.config import PPOConfig
@@ -23,16 +23,6 @@ from rlhfkit.stages import ppo
 from rlhfkit.stages.collect import disagreement, pool_path
 from rlhfkit.stages.ppo_data import PromptItem
 from rlhfkit.training import read_metrics
-
-E_COUNT = f"python:{REPO / 'examples' / 'scripted_rewards.py'}:letter_e_count"
-PROMPTS = [
-    {"id": "a", "prompt": "the cat"},
-    {"id": "b", "messages": [{"role": "user", "content": "Tell me a story about a dog."}]},
-    {"id": "c", "prompt": "What is the sky"},
-    {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
-    {"id": "e", "prompt": "one two three"},
-    {"id": "f", "prompt": "The river and the sea"},
-]
 
 
 def save_rm(tiny_llama_dir, out, members: int):
@@ -52,11 +42,6 @@ def save_rm(tiny_llama_dir, out, members: int):
 @pytest.fixture(scope="module")
 def ensemble_dir(tiny_llama_dir, tmp_path_factory):
     return save_rm(tiny_llama_dir, tmp_path_factory.mktemp("ens") / "rm", members=3)
-
-
-@pytest.fixture()
-def prompts_file(tmp_path):
-    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 # --- ppo --conservative-coef --------------------------------------------------------------------------

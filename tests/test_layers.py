@@ -39,9 +39,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "rlhfkit.tracking",
             "rlhfkit.modelcard",
             "rlhfkit.ilql_heads",
+            "rlhfkit.served",
         ),
     ),  # fmt: skip
-    ("training", ("rlhfkit.training",)),
+    ("training", ("rlhfkit.training", "rlhfkit.sharding")),
     ("stages", ("rlhfkit.stages", "rlhfkit.label")),
     ("cli", ("rlhfkit.cli", "rlhfkit.__main__")),
 ]

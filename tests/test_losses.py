@@ -602,7 +602,8 @@ def test_ilql_loss_by_hand():
     close(stats["advantage_mean"], 0.75)
     # γ discounts the bootstrapped value; the behaviour-cloning term adds bc·mean(−log π)
     discounted, _ = ilql_loss(q_values, t([[1.0, 2.0, 5.0]]), t([[0.5, 1.0, 7.0]]), t([[0, 1, 1]]), t([[0.0, 1.0, 3.0]]),
-                              t([[1, 1, 0]]), gamma=0.5, tau=0.7, cql_coef=0.0, logprobs=t([[-1.0, -3.0, -50.0]]), bc_coef=2.0)  # fmt: skip
+                              t([[1, 1, 0]]), gamma=0.5, tau=0.7, cql_coef=0.0,
+                              logprobs=t([[-1.0, -3.0, -50.0]]), bc_coef=2.0)  # fmt: skip
     close(discounted, ((1 - 0.5) ** 2 + 1.0) / 2 + 0.4375 + 2.0 * 2.0)
 
 
@@ -644,7 +645,9 @@ def test_new_losses_give_masked_positions_exactly_zero_gradient():
         "value_loss": lambda: value_loss(a, c, mask)[0],
         "grpo_policy_loss": lambda: grpo_policy_loss(a, b, b, c, mask, kl_coef=0.1)[0],
         "dpo_loss": lambda: dpo_loss(masked_sum(a, mask), masked_sum(b, mask), masked_sum(c, mask), masked_sum(b, mask))[0],
-        "dpo_loss_ipo": lambda: dpo_loss(masked_sum(a, mask), masked_sum(b, mask), masked_sum(c, mask), masked_sum(b, mask), loss_type="ipo")[0],
+        "dpo_loss_ipo": lambda: dpo_loss(
+            masked_sum(a, mask), masked_sum(b, mask), masked_sum(c, mask), masked_sum(b, mask), loss_type="ipo"
+        )[0],
         "expectile_loss": lambda: expectile_loss(a - b, mask, 0.7),
         "ilql_loss": lambda: ilql_loss(q, b, a, actions, c, mask, cql_coef=0.1, logprobs=a, bc_coef=1.0)[0],
     }

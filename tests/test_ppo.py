@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import REPO, rlhfkit_command, subprocess_env, write_jsonl
+from conftest import E_COUNT, REPO, SLOW_E_COUNT, kill_at_checkpoint, rlhfkit_command, subprocess_env, wait_all, write_jsonl
 from rlhfkit import models as model_io
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
@@ -25,23 +23,7 @@ from rlhfkit.seeds import row_seed
 from rlhfkit.stages import ppo, ppo_data, ppo_models, ppo_options
 from rlhfkit.training import Dist, make_optimizer, read_metrics
 
-E_COUNT = f"python:{REPO / 'examples' / 'scripted_rewards.py'}:letter_e_count"
 CONSTANT = f"python:{REPO / 'tests' / 'ppo_rewards.py'}:constant"
-SLOW_E_COUNT = f"python:{REPO / 'tests' / 'ppo_rewards.py'}:slow_e_count"
-
-PROMPTS = [
-    {"id": "a", "prompt": "the cat"},
-    {"id": "b", "messages": [{"role": "user", "content": "Tell me a story about a dog."}]},
-    {"id": "c", "prompt": "What is the sky"},
-    {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
-    {"id": "e", "prompt": "one two three"},
-    {"id": "f", "prompt": "The river and the sea"},
-]
-
-
-@pytest.fixture()
-def prompts_file(tmp_path):
-    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -400,19 +382,10 @@ def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_l
     full = _ppo_process(tmp_path / "full", tiny_llama_dir, prompts_file)
     killed_out = tmp_path / "killed"
     killed = _ppo_process(killed_out, tiny_llama_dir, prompts_file)
-    deadline = time.time() + 120
-    while not (killed_out / "checkpoints" / "step-000002" / "state.json").is_file():
-        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1].decode()[-2000:]
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (killed_out / "model.safetensors").exists()  # it died mid-run
+    kill_at_checkpoint(killed, killed_out, 2, poll=0.02)
     done = sorted(p.name for p in (killed_out / "checkpoints").glob("step-*"))
     assert done and done[-1] < "step-000006"
-    resumed = _ppo_process(killed_out, tiny_llama_dir, prompts_file, "--resume")
-    for p in (full, resumed):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-2000:]
+    wait_all(full, _ppo_process(killed_out, tiny_llama_dir, prompts_file, "--resume"))
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(killed_out / "model.safetensors"))
     assert a.keys() == b.keys()

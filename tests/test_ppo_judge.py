@@ -12,27 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, write_jsonl
+from conftest import E_COUNT, REPO
 from rlhfkit.stages import ppo
 from rlhfkit.stages.ppo_judge import judged_steps
 from rlhfkit.stats import wilson_interval
 from rlhfkit.training import read_metrics
 
-E_COUNT = f"python:{REPO / 'examples' / 'scripted_rewards.py'}:letter_e_count"
 JUDGE = f"{sys.executable} {REPO / 'tests' / 'judge_letter.py'} e"  # more e's is better (what the reward teaches)
-PROMPTS = [
-    {"id": "a", "prompt": "the cat"},
-    {"id": "b", "messages": [{"role": "user", "content": "Tell me a story about a dog."}]},
-    {"id": "c", "prompt": "What is the sky"},
-    {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
-    {"id": "e", "prompt": "one two three"},
-    {"id": "f", "prompt": "The river and the sea"},
-]
-
-
-@pytest.fixture()
-def prompts_file(tmp_path):
-    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 def ppo_args(policy, prompts, out, *extra) -> list:

@@ -150,6 +150,7 @@ def command(name: str, model: Path, f: dict[str, Path], out: Path) -> list:
         "collect": ["collect", "--policy", model, "--prompts", f["prompts"], "--out", out, "--k", 1, *sampling],
         "eval": ["eval", "--policy", model, "--baseline", f"base={model}", "--prompts", f["prompts"], "--out", out, *sampling],
         "rank-import": ["rank-import", f["rankings"], "--samples", f["samples"], "--out", out],
+        "label": ["label", f["samples"], "--out", out, "--export", "argilla"],
     }[name]
 
 
@@ -164,7 +165,7 @@ def set_option(args: list, option: str, value) -> list:
 
 
 def out_path(name: str, tmp_path: Path) -> Path:
-    return tmp_path / ("out.jsonl" if name in ("collect", "rank-import") else "out")
+    return tmp_path / ("out.jsonl" if name in ("collect", "rank-import", "label") else "out")
 
 
 # --- 1. numbers: every numeric option finite and in its range, one line naming it ----------------
@@ -246,6 +247,9 @@ NUMBER_CASES = [
     ("rank-import", "--val-fraction", "1"),
     ("rank-import", "--bootstrap", "-1"),
     ("rank-import", "--seed", "-5"),
+    ("label", "--overlap", "-1"),
+    ("label", "--k-max", "1"),
+    ("label", "--port", "70000"),
 ]
 
 
@@ -324,7 +328,7 @@ DATA_NUMBER_CASES = {
         "demonstrations",
         "d.json",
         ["[", '{"text": "a"},', '{"text": "b", "weight": NaN}', "]"],
-        ":3: invalid JSON: NaN at column 24",
+        ":3: invalid JSON: NaN at column 25",
     ),
     "logprob -Infinity": (
         "rank-import",
@@ -596,6 +600,53 @@ def test_bad_inputs_are_one_line(cli, classifier_dir, tiny_llama_dir, files, tmp
     assert not out_path(name, tmp_path).exists()
 
 
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages here') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SYSTEM = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+REJECTED_TEXT = {  # command: (option, its records, expected error start)
+    "collect": ("--prompts", [PROMPTS[0], {"id": "s", "messages": SYSTEM}], ":2: field 'prompt': the tokenizer rejects it"),
+    "ppo": ("--prompts", [{"id": "s", "messages": SYSTEM}], ":1: field 'prompt': the tokenizer rejects it"),
+    "eval": ("--prompts", [{"id": "s", "messages": SYSTEM}], ":1: field 'prompt': the tokenizer rejects it"),
+    "sft": ("--data", [DEMOS[0], {"messages": [*SYSTEM, {"role": "assistant", "content": "hello"}]}], ":2: field 'messages'"),
+    "train-rm": ("--data", [{"prompt": SYSTEM, "chosen": "a", "rejected": "b"}], "the tokenizer rejects the prompt"),
+}
+
+
+@pytest.mark.parametrize("name", list(REJECTED_TEXT))
+def test_text_the_tokenizer_rejects_is_one_line(cli, tiny_llama_dir, files, tmp_path, name):
+    """A model whose chat template refuses system messages: every stage that encodes says so in one line."""
+    model = tmp_path / "no-system"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "chat_template.jinja").write_text(NO_SYSTEM_TEMPLATE)
+    option, rows, expected = REJECTED_TEXT[name]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    args = set_option(command(name, model, files, out_path(name, tmp_path)), option, data)
+    if name == "eval":
+        args = set_option(set_option(args, "--baseline", f"base={model}"), "--policy", model)
+    error = one_line(cli(*args))
+    assert (error.startswith(f"{data}{expected}") or error.startswith(expected)) and "no system messages here" in error, error
+    assert not out_path(name, tmp_path).exists()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_refuses_examples_longer_than_the_context(cli, tiny_llama_dir, files, tmp_path, packing):
+    """The tiny model has 512 positions; --max-length 1024 would train on positions it never had."""
+    long = write_jsonl(tmp_path / "long.jsonl", [*DEMOS, {"text": "the cat and the dog " * 200}])
+    args = set_option(set_option(command("sft", tiny_llama_dir, files, tmp_path / "out"), "--data", long), "--max-length", 1024)
+    error = one_line(cli(*args, *(["--packing"] if packing else [])))
+    assert error.startswith("--max-length 1024: the longest example is ") and error.endswith(
+        "(512); give --max-length 512 or less"
+    )
+    assert not (tmp_path / "out").exists()
+    if not packing:  # validate --model runs the same check
+        assert (
+            one_line(cli("validate", long, "--kind", "demonstrations", "--model", tiny_llama_dir, "--max-length", 1024)) == error
+        )
+
+
 def test_max_prompt_length_truncates_and_counts(cli, tiny_llama_dir, files, tmp_path):
     """ppo --max-prompt-length keeps the end of a prompt longer than the context, and says how many."""
     long = write_jsonl(tmp_path / "long.jsonl", [{"id": "a", "prompt": "the cat " * 400}, {"id": "b", "prompt": "hi"}])
@@ -633,6 +684,18 @@ def test_degenerate_comparisons_are_rejected_or_skipped_and_counted(cli, tiny_ll
         "valid": 8,
         "skipped": 1,
     }
+
+
+def test_rank_import_drops_and_counts_pairs_of_identical_texts(cli, tiny_llama_dir, files, tmp_path):
+    """Two completions with the same text make no comparison: rank-import drops and counts the pair,
+    so that what it writes is what train-rm accepts."""
+    samples = [dict(s, completions=[dict(c) for c in s["completions"]]) for s in SAMPLES]
+    samples[0]["completions"][2]["text"] = samples[0]["completions"][0]["text"]
+    samples_file = write_jsonl(tmp_path / "samples.jsonl", samples)
+    result = cli("rank-import", files["rankings"], "--samples", samples_file, "--out", tmp_path / "pairs.jsonl")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["identical_dropped"] == 1 and json.loads(result.stdout)["pairs"] == 11
+    assert cli("validate", tmp_path / "pairs.jsonl", "--kind", "comparisons").exit_code == 0
 
 
 # --- 5. scripted rewards and judges -------------------------------------------------------------
@@ -743,12 +806,12 @@ AGREE = {
     "samples: a duplicate prompt id": (
         "samples",
         [SAMPLES[0], {**SAMPLES[1], "prompt_id": "p0"}],
-        [("rank-import", "--samples")],
+        [("rank-import", "--samples"), ("label", "SAMPLES")],
     ),
     "samples: a completion id under two prompts": (
         "samples",
         [SAMPLES[0], {**SAMPLES[1], "completions": SAMPLES[0]["completions"]}],
-        [("rank-import", "--samples")],
+        [("rank-import", "--samples"), ("label", "SAMPLES")],
     ),
     "comparisons: chosen == rejected": (
         "comparisons",
@@ -767,7 +830,8 @@ def test_validate_and_the_stages_reject_the_same_records(cli, tiny_llama_dir, fi
     expected = one_line(cli("validate", path, "--kind", kind))
     assert expected.startswith(f"{path}:")
     for name, option in readers:
-        args = set_option(command(name, tiny_llama_dir, files, out_path(name, tmp_path)), option, path)
+        args = command(name, tiny_llama_dir, files, out_path(name, tmp_path))
+        args = [args[0], path, *args[2:]] if option == "SAMPLES" else set_option(args, option, path)
         if option == "--ptx-data":
             args += ["--ptx-coef", 0.1]
         assert one_line(cli(*args)) == expected, name
@@ -882,6 +946,11 @@ OUTPUT_CASES = {
         "eval",
         lambda a, t, f: set_option(a, "--out", f["prompts"] / "report"),
         "--out {prompts}/report/samples.jsonl: {prompts} is a file, not a directory",
+    ),
+    "label --out = SAMPLES": (
+        "label",
+        lambda a, t, f: set_option(a, "--out", f["samples"]),
+        "--out {samples}: the same path as the input SAMPLES",
     ),
 }
 
@@ -1169,15 +1238,17 @@ def test_a_failure_on_one_rank_ends_every_rank_with_a_message(tiny_llama_dir, fi
     assert not (tmp_path / "out").exists()
 
 
-def test_one_teardown_for_every_training_stage():
-    """sft, train-rm and ppo (and any new training stage) set up and tear down through training.distributed_run."""
-    import inspect
-
-    from rlhfkit.stages import ppo, sft, train_rm
-
-    for stage in (sft, train_rm, ppo):
-        source = inspect.getsource(stage.run)
-        assert "distributed_run(" in source and "shutdown_distributed" not in source and "destroy_process_group" not in source
+def test_every_training_stage_shares_the_teardown_and_the_finite_guard():
+    """Every stage that trains into a run directory (sft, train-rm, ppo, and any new one) sets up and
+    tears down through training.distributed_run and checks its step with training.check_finite."""
+    stages = Path(__file__).resolve().parent.parent / "src" / "rlhfkit" / "stages"
+    training_stages = [p for p in sorted(stages.glob("*.py")) if "prepare_run_dir(" in p.read_text()]
+    assert {"sft", "train_rm", "ppo"} <= {p.stem for p in training_stages}
+    for path in training_stages:
+        source = path.read_text()
+        # training.optimizer_step runs check_finite before every step it takes
+        assert "distributed_run(" in source and ("check_finite(" in source or "optimizer_step(" in source), path.name
+        assert "shutdown_distributed" not in source and "destroy_process_group" not in source, path.name
 
 
 def test_data_error_locations():

@@ -37,7 +37,8 @@ def test_probe_alone_is_the_logistic_regression_on_frozen_features(tmp_path, tin
     elements, _ = rm_data.build_elements(records.load(str(data), records.parse_comparison), rm_data.Encoder(tokenizer), 1024)
     torch.manual_seed(0)
     base = models.load_model(str(tiny_llama_dir), kind="reward").eval()
-    features = rm_head.pair_features(base, elements, batch_size=16, pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    features = rm_head.pair_features(base, elements, batch_size=16, pad_token_id=tokenizer.pad_token_id, device=cpu)
     l2, _ = choose_l2(features, seed=0)
     expected = fit_probe(features, l2=l2)
     saved = head_weight(tmp_path / "rm")[0]

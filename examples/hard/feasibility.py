@@ -11,12 +11,14 @@ Subcommands (each prints one JSON object on stdout; people read stderr):
                                    the strict pairs of the train samples, its agreement with the
                                    annotator on the strict pairs of the test samples. Features:
                                    the last-token hidden state of prompt+completion (what a reward
-                                   model's score head reads) and the mean over the completion's
-                                   tokens, tokenised exactly as train-rm/ppo/eval do
+                                   model's score head reads), the mean over the completion's
+                                   tokens, both concatenated, and the last token of the middle
+                                   layer, tokenised exactly as train-rm/ppo/eval do
                                    (rlhfkit.chat.encode_prompt + encode_completion). The L2
                                    strength is chosen by leave-one-family-out cross-validation on
                                    the train prompts (never by the test pairs); the whole grid is
-                                   reported too.
+                                   reported too. --oracle adds the rubric's own aspects as
+                                   features (what a perfect feature extractor would give).
   rm --rm DIR... --test S          a trained reward model's agreement on the test strict pairs
                                    (scored with rlhfkit.reward.load_reward, the way ppo/eval
                                    score), with a 95% Wilson interval and the Pearson correlation
@@ -232,6 +234,12 @@ def cmd_probe(args: argparse.Namespace) -> dict:
     start = time.time()
     feats = cached_features(args.model, rows, args.batch_size, args.cache)
     log(f"features of {len(rows)} completions in {time.time() - start:.0f}s")
+    feats["last+mean"] = torch.cat([feats["last"], feats["mean"]], 1)  # what a score head reads + what the text holds overall
+    if args.oracle:  # references: the rubric's own aspects as features (all of them; only ended and length)
+        names = ["ended", "length", "readability", "direct", "tone", "concrete", "repetition", "degenerate"]
+        table = torch.tensor([[r["aspects"].get(k, 0.0) for k in names] for r in rows])
+        feats["oracle:all-aspects"] = table
+        feats["oracle:ended+length"] = table[:, :2]
     grid = [float(v) for v in args.l2.split(",")]
     result = {"train_strict_pairs": len(train_pairs), "test_strict_pairs": len(test_pairs), "features": {}}
     for name, x in feats.items():
@@ -287,7 +295,7 @@ def cmd_rm(args: argparse.Namespace) -> dict:
         reward = load_reward(spec, tok, "cpu", batch_size=args.batch_size)
         out[spec] = {}
         # "as sampled": a cut-off completion has no EOS, as ppo and eval score it; "all stopped": every
-        # completion ends with EOS, as train-rm encodes comparisons (they do not say which stopped)
+        # completion ends with EOS, as train-rm encoded comparisons before they carried finish_reason
         for mode in ("as_sampled", "all_stopped"):
             values = []
             for i in range(0, len(rows), args.batch_size):
@@ -316,7 +324,8 @@ def main() -> None:
     data = Path(__file__).resolve().parent / "data"
     p.add_argument("--prompts", nargs="+", default=[str(data / "train_prompts.jsonl"), str(data / "test_prompts.jsonl")])
     p.add_argument("--l2", default="0.001,0.01,0.1,1,3,10")
-    p.add_argument("--all-stopped", action="store_true", help="append EOS to every completion (as train-rm does)")
+    p.add_argument("--oracle", action="store_true", help="also fit the probe on the rubric's aspects themselves (references)")
+    p.add_argument("--all-stopped", action="store_true", help="append EOS to every completion (train-rm before 4c0b262)")
     p.add_argument("--cache", default=None, help="folder to keep the features in (reused when the samples are the same)")
     p.add_argument("--batch-size", type=int, default=16)
     p = sub.add_parser("rm")

@@ -38,11 +38,13 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]  # --report-to: e
 Algo = Literal["ppo", "a2c", "rloo", "grpo"]  # rlhfkit ppo --algo: the advantage estimator and the loss
 DPOLoss = Literal["sigmoid", "ipo"]  # rlhfkit dpo --loss: DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023)
 ChatTemplate = Literal["auto", "always", "never"]  # string prompts as user turns: when the model has a template, always, never
+Strategy = Literal["ddp", "fsdp"]  # training stages: a replica per process (DDP), or weights/gradients/optimizer sharded (FSDP2)
 
 GROUP_ALGOS = ("rloo", "grpo")  # the --algo choices that sample K responses per prompt and learn no critic
 DEFAULT_GROUP_SIZE = 4  # their K when --k is not given
 
 SCRIPT_PREFIX = "python:"  # a reward given as python:MODULE:FUNCTION
+SERVED_PREFIX = "openai:"  # a policy served by an OpenAI-compatible server: openai:http://HOST:PORT/v1[#MODEL]
 
 
 def report_to_names(value: str | Sequence[str] | None) -> list[str]:
@@ -76,6 +78,8 @@ def named_path(spec: str, option: str = "--policy") -> tuple[str, str]:
     name, sep, path = spec.partition("=")
     if not sep or not name or "/" in name:
         name, path = Path(spec.rstrip("/")).name.removesuffix(".gguf") or spec, spec
+        if is_served(spec):  # openai:http://HOST:PORT/v1#MODEL: named after the model (or "served")
+            name = spec.partition("#")[2] or "served"
     if not path:
         raise ConfigError(f"{option} {spec!r}: no model path")
     return name, path
@@ -89,6 +93,21 @@ def first_duplicate(names: Sequence[str]) -> str | None:
             return name
         seen.add(name)
     return None
+
+
+def is_served(spec: str) -> bool:
+    """Whether a policy spec is ``openai:URL[#MODEL]`` (sampled from a server, `rlhfkit.served`)."""
+    return spec.startswith(SERVED_PREFIX)
+
+
+def parse_served_spec(spec: str) -> tuple[str, str | None]:
+    """``openai:http://HOST:PORT/v1[#MODEL]`` -> (base URL without a trailing /, MODEL or None),
+    checked for shape only: ``parse_served_spec("openai:http://127.0.0.1:8000/v1/#m") ==
+    ("http://127.0.0.1:8000/v1", "m")``."""
+    url, _, model = spec[len(SERVED_PREFIX) :].partition("#")
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1].strip("/")) == 0:
+        raise ConfigError(f"{spec}: expected openai:http://HOST:PORT/v1 or openai:https://HOST/v1, optionally #MODEL")
+    return url.rstrip("/"), model or None
 
 
 def is_script(spec: str) -> bool:
@@ -295,6 +314,9 @@ class TrainConfig(ModelConfig):
     lora_target_modules: str = "all-linear"
     save_adapter: bool = False
     report_to: str = "none"  # experiment trackers for metrics.jsonl's stream: none, or tensorboard,wandb,mlflow,trackio
+    strategy: Strategy = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (sharded; DCP checkpoints)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
+    cpu_offload: bool = False  # with --strategy fsdp: weights, gradients and optimizer state in CPU memory
 
     def check(self) -> None:
         super().check()
@@ -304,8 +326,21 @@ class TrainConfig(ModelConfig):
         self.non_negative("save_every", "keep_checkpoints")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora-dropout: must be in [0, 1), got {self.lora_dropout}")
+        self.one_of("strategy", Strategy)
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ConfigError("--cpu-offload needs --strategy fsdp (DDP keeps a whole replica on every device)")
         if self.save_adapter and not self.lora:
             raise ConfigError("--save-adapter needs --lora (there is no adapter to save)")
+
+    def check_offline(self, positive: tuple[str, ...], non_negative: tuple[str, ...] = ()) -> None:
+        """The checks the offline trainers (dpo, ilql: a --policy trained on --data for --epochs,
+        held out by --val-fraction) share; ``positive`` and ``non_negative`` name their own numbers."""
+        self.require("policy", "data", "out")
+        self.at_least(1, "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm", *non_negative)
+        self.positive(*positive)
+        self.fraction("val_fraction")
+        self.at_least(2, "max_length")
 
 
 # --- stage configs ---------------------------------------------------------------------------------
@@ -335,6 +370,7 @@ class EvalConfig(ModelConfig):
     bootstrap: int = 1000  # resamples for bootstrap intervals (Elo, and win-rates with --interval bootstrap)
     judge_timeout: float = 3600.0  # seconds
     report_to: str = "none"  # experiment trackers that get the report: none, or tensorboard,wandb,mlflow,trackio
+    concurrency: int = 8  # requests in flight per served policy (--policy NAME=openai:URL)
 
     def check(self) -> None:
         super().check()
@@ -363,10 +399,15 @@ class EvalConfig(ModelConfig):
             check_judge_command(self.judge)
         if self.rm and is_script(self.rm):
             parse_script_spec(self.rm)
+        self.at_least(1, "concurrency")
         players = [("--baseline", self.baseline)] + [("--policy", p) for p in self.policy]
+        if is_served(named_path(self.baseline, "--baseline")[1]):
+            raise ConfigError(f"--baseline {self.baseline}: must be a local model (the KL reference); serve --policy models")
         for option, spec in players:
             path = named_path(spec, option)[1]
-            if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".gguf")):
+            if is_served(path):
+                parse_served_spec(path)
+            elif not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".gguf")):
                 raise ConfigError(f"{option} {spec}: no such model directory or file")
         names = [named_path(spec, option)[0] for option, spec in players] + ([f"best-of-{self.best_of}"] if self.best_of else [])
         duplicate = first_duplicate(names)
@@ -432,8 +473,8 @@ class TrainRMConfig(TrainConfig):
             raise ConfigError("--patience: needs --early-stopping")
         if self.early_stopping and not (self.val_data or self.val_fraction > 0):
             raise ConfigError("--early-stopping: needs a held-out set (--val-data or --val-fraction)")
-        inputs = [("--model", self.model), ("--data", self.data), ("--val-data", self.val_data), ("--norm-samples", self.norm_samples)]
-        check_outputs([("--out", self.out, "run")], inputs)
+        inputs = [("--model", self.model), ("--data", self.data), ("--val-data", self.val_data)]
+        check_outputs([("--out", self.out, "run")], [*inputs, ("--norm-samples", self.norm_samples)])
 
 
 @dataclass
@@ -457,7 +498,6 @@ class SFTConfig(TrainConfig):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
     bf16: bool | None = None  # bfloat16 autocast; None = on with --dtype auto on a GPU that supports it
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
     eval_every: int = 0  # held-out evaluation every N optimizer steps (0 = before and after training only)
     eval_batch_size: int = 16
     log_every: int = 10  # optimizer steps per metrics.jsonl line
@@ -475,7 +515,8 @@ class SFTConfig(TrainConfig):
         if self.val_data and self.val_fraction > 0:
             raise ConfigError("--val-data and --val-fraction: give one or the other")
         self.one_of("schedule", Schedule)
-        check_outputs([("--out", self.out, "run")], [("--model", self.model), ("--data", self.data), ("--val-data", self.val_data)])
+        inputs = [("--model", self.model), ("--data", self.data), ("--val-data", self.val_data)]
+        check_outputs([("--out", self.out, "run")], inputs)
 
 
 @dataclass
@@ -496,12 +537,16 @@ class CollectConfig(ModelConfig):
     max_prompts: int = 0  # 0 = every prompt
     select: int = 0  # keep only the N prompts whose completions --select-by's members disagree on most (0 = every prompt)
     select_by: str = ""  # the reward-model ensemble (train-rm --ensemble M) whose disagreement --select uses
+    concurrency: int = 8  # requests in flight per served policy (--policy NAME=openai:URL)
 
     def check(self) -> None:
         super().check()
         self.require("policy", "prompts", "out")
-        self.at_least(1, "k", "batch_size")
+        self.at_least(1, "k", "batch_size", "concurrency")
         self.non_negative("top_k", "max_prompts", "select")
+        for spec in self.policy:
+            if is_served(named_path(spec)[1]):
+                parse_served_spec(named_path(spec)[1])
         self.sampling()
         if bool(self.select) != bool(self.select_by):
             raise ConfigError("--select and --select-by: give both (N prompts to keep, and the reward ensemble that picks them)")
@@ -514,7 +559,8 @@ class CollectConfig(ModelConfig):
         duplicate = first_duplicate([named_path(spec)[0] for spec in self.policy])
         if duplicate is not None:
             raise ConfigError(f"--policy: the name {duplicate!r} is given twice; name them apart with NAME=PATH")
-        check_outputs([("--out", self.out, "file")], [("--prompts", self.prompts), *(("--policy", named_path(p)[1]) for p in self.policy)])
+        policies = [("--policy", named_path(spec)[1]) for spec in self.policy]
+        check_outputs([("--out", self.out, "file")], [("--prompts", self.prompts), *policies])
 
 
 @dataclass
@@ -660,9 +706,9 @@ class PPOConfig(TrainConfig):
         self.at_least(2, "ptx_max_length")
         if is_script(self.rm):
             parse_script_spec(self.rm)
-        inputs = [("--policy", self.policy), ("--ref", self.ref), ("--prompts", self.prompts), ("--value-model", self.value_model),
-                  ("--ptx-data", self.ptx_data), ("--rm", parse_script_spec(self.rm)[0] if is_script(self.rm) else self.rm)]  # fmt: skip
-        check_outputs([("--out", self.out, "run")], inputs)
+        rm = parse_script_spec(self.rm)[0] if is_script(self.rm) else self.rm  # a script's file is an input too
+        inputs = [("--policy", self.policy), ("--ref", self.ref), ("--prompts", self.prompts), ("--rm", rm)]
+        check_outputs([("--out", self.out, "run")], [*inputs, ("--value-model", self.value_model), ("--ptx-data", self.ptx_data)])
 
     def check_judge(self) -> None:
         """The judge monitor's options (stages/ppo_judge.py) and the conservative reward's."""
@@ -680,7 +726,9 @@ class PPOConfig(TrainConfig):
         self.non_negative("k")
         if self.algo in GROUP_ALGOS:
             if self.k == 1:
-                raise ConfigError(f"--k: {self.algo} needs at least 2 samples per prompt (each one's baseline is the others), got 1")
+                raise ConfigError(
+                    f"--k: {self.algo} needs at least 2 samples per prompt (each one's baseline is the others), got 1"
+                )
             K = self.samples_per_prompt
             exact_div(self.batch_size, K, f"--batch-size must be a multiple of --k (rollouts = prompts x K, K = {K})")
             if self.value_model:
@@ -724,15 +772,11 @@ class DPOConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        self.require("policy", "data", "out")
-        self.at_least(1, "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
-        self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm")
-        self.positive("lr", "beta")
-        self.fraction("val_fraction")
-        self.at_least(2, "max_length")
+        self.check_offline(positive=("lr", "beta"))
         self.one_of("loss", DPOLoss)
         self.one_of("schedule", Schedule)
-        check_outputs([("--out", self.out, "run")], [("--policy", self.policy), ("--data", self.data), ("--val-data", self.val_data)])
+        inputs = [("--policy", self.policy), ("--data", self.data), ("--val-data", self.val_data)]
+        check_outputs([("--out", self.out, "run")], inputs)
 
 
 @dataclass
@@ -767,12 +811,7 @@ class ILQLConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        self.require("policy", "data", "out")
-        self.at_least(1, "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every")
-        self.non_negative("max_steps", "warmup_steps", "eval_every", "weight_decay", "max_grad_norm", "cql_coef", "bc_coef", "beta")
-        self.positive("lr")
-        self.fraction("val_fraction")
-        self.at_least(2, "max_length")
+        self.check_offline(positive=("lr",), non_negative=("cql_coef", "bc_coef", "beta"))
         self.one_of("schedule", Schedule)
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"--gamma: must be in [0, 1], got {self.gamma}")
@@ -780,4 +819,5 @@ class ILQLConfig(TrainConfig):
             raise ConfigError(f"--tau: must be in (0, 1), got {self.tau}")
         if not 0 < self.polyak <= 1:
             raise ConfigError(f"--polyak: must be in (0, 1], got {self.polyak}")
-        check_outputs([("--out", self.out, "run")], [("--policy", self.policy), ("--data", self.data), ("--val-data", self.val_data)])
+        inputs = [("--policy", self.policy), ("--data", self.data), ("--val-data", self.val_data)]
+        check_outputs([("--out", self.out, "run")], inputs)

@@ -43,6 +43,15 @@ STAGES = {
         ["reward-model", "reward-modeling"],
     ),
     "ppo": ("RLHF with PPO against a reward model, with a KL penalty to the reference policy", "text-generation", ["ppo"]),
+    "dpo": ("direct preference optimisation (DPO) on pairwise comparisons, against the frozen starting policy", "text-generation",
+            ["dpo"]),
+    "ilql": ("offline RL with implicit language Q-learning (ILQL): a causal LM and Q/V heads that shift its logits",
+             "text-generation", ["ilql"]),
+}
+ALGO_WORDS = {  # ppo --algo: the algorithm the ppo stage ran
+    "a2c": "RLHF with A2C (one unclipped actor-critic step per rollout batch) against a reward model, with a KL penalty",
+    "rloo": "RLHF with RLOO (REINFORCE, leave-one-out baseline over K samples per prompt) against a reward model, KL-penalised",
+    "grpo": "RLHF with GRPO (group-normalised advantages, KL to the reference as a loss term) against a reward model",
 }
 PARENT_ROLES = ("model", "policy")  # the input the weights started from
 DATA_ROLES = ("data", "val_data", "prompts", "ptx_data", "norm_samples", "demos", "comparisons", "samples")
@@ -100,8 +109,13 @@ RESULTS = {
         ("objective/score", "reward", "Mean normalised reward-model score, last PPO step"),
         ("objective/kl", "kl", "KL to the reference (nats per response), last PPO step"),
     ]),
+    "dpo": ("text-generation", "Direct preference optimisation", [
+        ("eval/accuracy", "accuracy", "Held-out preference accuracy of the implicit reward"),
+        ("loss/eval", "loss", "Held-out DPO loss"),
+    ]),
 }  # fmt: skip
-EVAL_DATA_ROLES = {"sft": ("val_data", "data"), "train-rm": ("val_data", "data"), "ppo": ("prompts",)}
+EVAL_DATA_ROLES = {"sft": ("val_data", "data"), "train-rm": ("val_data", "data"), "ppo": ("prompts",),
+                   "dpo": ("val_data", "data")}  # fmt: skip
 
 
 def finish_model_dir(new: str | os.PathLike, run_dir: str | os.PathLike) -> None:
@@ -301,6 +315,7 @@ def model_card(info: dict[str, Any], model_dir: Path, final: Path | None = None)
     name = final.name
     meta = front_matter(info, model_dir, final.name)
     what = STAGES.get(stage, (f"the `{stage}` stage", "", []))[0]
+    what = ALGO_WORDS.get(str((info.get("config") or {}).get("algo", "")), what) if stage == "ppo" else what
     versions = info.get("versions") or {}
     parent = next((e for role in PARENT_ROLES for e in _inputs(info, role)), None)
     lines = [f"# {name}", ""]
@@ -332,6 +347,13 @@ def model_card(info: dict[str, Any], model_dir: Path, final: Path | None = None)
             + [f"| {k} | {_cell(_number(v))} |" for k, v in rows if v is not None]
             + [""]
         )
+
+    ilql = info.get("ilql")
+    if isinstance(ilql, dict):
+        lines += ["### ILQL heads", "",
+                  f"`{ilql.get('heads')}` holds the target Q and the V head. `rlhfkit collect` and `rlhfkit eval` sample this "
+                  f"directory from **log_softmax(logits) + β·(Q − V)** with β = {_number(ilql.get('beta'))}; plain transformers "
+                  "loads the behaviour-cloned language model π_β alone, without the shift.", ""]  # fmt: skip
 
     # data
     inputs = {role: entries for role, entries in (info.get("inputs") or {}).items() if entries}

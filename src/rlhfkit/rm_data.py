@@ -42,7 +42,7 @@ from rlhfkit import chat
 from rlhfkit.config import ChatTemplate
 from rlhfkit.data import records
 from rlhfkit.data.records import Comparison, Conversation
-from rlhfkit.errors import DataError
+from rlhfkit.errors import DataError, RlhfkitError
 from rlhfkit.generation import right_pad
 
 
@@ -64,7 +64,10 @@ class Encoder:
     def prompt(self, prompt: Conversation) -> tuple[int, ...]:
         key = content_key(prompt)
         if key not in self._prompts:
-            self._prompts[key] = tuple(chat.encode_prompt(self.tokenizer, prompt, self.chat_template))
+            try:
+                self._prompts[key] = tuple(chat.encode_prompt(self.tokenizer, prompt, self.chat_template))
+            except Exception as e:  # a chat template that refuses these roles: one line, not a traceback
+                raise RlhfkitError(f"the tokenizer rejects the prompt {key[:60]} ({type(e).__name__}: {str(e)[:120]})") from e
         return self._prompts[key]
 
     def __call__(self, prompt: Conversation, completion: Conversation, *, stopped: bool = True) -> tuple[int, ...]:
@@ -266,7 +269,7 @@ def load_reference(source: str | os.PathLike, *, skip_invalid: bool = False) -> 
     _, first = next(iter(read_records(source)))
     if "completions" in first:
         out = []
-        for sample in records.load(source, records.parse_samples, skip_invalid=skip_invalid):
+        for sample in records.load_kind(source, "samples", skip_invalid=skip_invalid):
             out.extend((sample.prompt, c.text, c.finish_reason == "stop") for c in sample.completions)
         if not out:
             raise DataError(source, None, "completions", "no completions to normalise the reward on")

@@ -20,8 +20,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,37 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 def shutdown_distributed(dist: Dist) -> None:
-    """Synchronise, then leave the group. (A rank that exits while another still talks to it can
-    abort the other, so everyone meets at a barrier first.)"""
+    """Synchronise, then leave the group. A rank that exits while another still talks to it can
+    abort the other (gloo: "terminate called without an active exception" in the rank still
+    tearing down its connections), so everyone meets at a barrier first, and once every rank has
+    destroyed its group they meet again through torchrun's key-value store (plain TCP, not gloo)
+    before any process exits and closes its sockets."""
     if dist.enabled and tdist.is_initialized():
         tdist.barrier()
+        try:
+            store = tdist.distributed_c10d._get_default_store()
+        except Exception:  # no store to meet through (a group set up by hand): the barrier above must do
+            store = None
         tdist.destroy_process_group()
+        if store is not None:
+            _store_barrier(store, dist.world_size)
+
+
+_shutdowns = 0  # this process's group teardowns so far (each meets under a key of its own)
+
+
+def _store_barrier(store: Any, world_size: int, timeout: float = 60.0) -> None:
+    """Wait until every rank has added itself under this teardown's key (or ``timeout`` seconds)."""
+    import time
+
+    global _shutdowns
+    _shutdowns += 1
+    key = f"rlhfkit/left/{_shutdowns}"
+    with contextlib.suppress(Exception):  # the store's host (torchrun's agent) is there for the whole job
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout
+        while store.add(key, 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def barrier(dist: Dist) -> None:
@@ -99,6 +126,7 @@ def distributed_run(device: torch.device) -> Iterator[Dist]:
     """
     dist = init_distributed(device)
     start = len(_claimed)
+    previous = _stop_on_sigterm(dist)
     try:
         yield dist
     except BaseException as e:
@@ -119,8 +147,26 @@ def distributed_run(device: torch.device) -> Iterator[Dist]:
                 f"rank {dist.rank}: another rank stopped, so this one did too (its error is above; {_first_line(e)})"
             ) from e
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     del _claimed[start:]
     shutdown_distributed(dist)
+
+
+def _stop_on_sigterm(dist: Dist) -> Any:
+    """Under torchrun, the SIGTERM with which torchrun ends the other ranks when one fails becomes
+    an error, so that the rank cleans up (`distributed_run`) and says why it stopped. Returns the
+    previous handler (None when nothing was installed)."""
+    import threading
+
+    if not dist.enabled or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RlhfkitError(f"rank {dist.rank}: stopped by torchrun (another rank stopped; its error is above)")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _lost_peer(e: BaseException) -> bool:
@@ -134,8 +180,12 @@ def _lost_peer(e: BaseException) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, without a leading ``[source.cc:123]`` (gloo's)."""
     lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
+    text = lines[0] if lines else type(e).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text[:160]
 
 
 def discard_failed_run(out: Path, existed: bool) -> None:
@@ -230,6 +280,19 @@ def all_reduce_mean(value: torch.Tensor, dist: Dist) -> torch.Tensor:
     return value / dist.world_size
 
 
+def window_means(
+    window: Sequence[dict[str, torch.Tensor]], dist: Dist, device: torch.device, **counts: float
+) -> dict[str, torch.Tensor]:
+    """The metrics of the steps since the last metrics line, for that line: each key's mean over
+    ``window`` (one dict of scalar tensors a step), then the host-side ``counts`` (pairs, tokens done
+    so far), all averaged over the ranks in one collective. Keys keep their order, counts last."""
+    mean = {k: torch.stack([w[k] for w in window]).mean().float() for k in window[0]}
+    for name, count in counts.items():
+        mean[name] = torch.tensor(float(count), device=device)
+    packed = all_reduce_mean(torch.stack(list(mean.values())), dist)  # one collective for all
+    return dict(zip(mean, packed.unbind(0), strict=True))
+
+
 def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
     if not dist.enabled:
         return model
@@ -240,8 +303,151 @@ def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.
 
 
 def no_sync(model: torch.nn.Module, skip: bool):
-    """Inside gradient accumulation, skip DDP's all-reduce on all but the last micro-batch."""
+    """Inside gradient accumulation, skip DDP's all-reduce on all but the last micro-batch. (FSDP
+    reduce-scatters every micro-batch: its gradients stay sharded, which is what it is for.)"""
     return model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
+
+
+def wrap_model(
+    model: torch.nn.Module, dist: Dist, device: torch.device, config: Any, *, trainable: bool = True
+) -> torch.nn.Module:
+    """What every training stage does with a module before building its optimizer, by
+    ``config.strategy`` (`config.TrainConfig`):
+
+    * ``--gradient-checkpointing`` (trained modules, both strategies): every transformers model in
+      ``model`` recomputes its decoder layers' activations in the backward pass (non-reentrant);
+    * ``ddp``: a trained module is wrapped in DistributedDataParallel under torchrun; a frozen one
+      (``trainable=False``: ppo's reference and reward model) is returned as it is;
+    * ``fsdp``: FSDP2 (`rlhfkit.sharding`: a unit per decoder layer, the root last; bf16 compute on
+      GPUs; ``--cpu-offload``), trained or frozen alike, in place. In one process nothing is
+      sharded, but checkpoints use the sharded format, so the run may continue on N processes.
+
+    Build the optimizer *after* this call (FSDP replaces the parameters by their shards), run the
+    training forward through the returned module, and wrap loops whose number of forwards differs
+    between ranks (sampling, uneven evaluation shards) in `gathered`."""
+    strategy = getattr(config, "strategy", "ddp")
+    if trainable and getattr(config, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
+    if strategy != "fsdp":
+        return wrap_ddp(model, dist, device) if trainable else model
+    from rlhfkit import sharding
+
+    if not dist.enabled:
+        sharding.mark(model)
+        return model
+    mp_policy = sharding.mixed_precision(device, getattr(config, "dtype", "auto"))
+    return sharding.shard(model, device, dist.world_size, mp_policy=mp_policy, cpu_offload=getattr(config, "cpu_offload", False))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Activation checkpointing on every transformers model inside ``model`` (non-reentrant: works
+    with frozen inputs, LoRA, and FSDP2, whose hooks stay outside the recomputed ``forward``).
+    transformers applies it to a module in training mode with gradients on. Returns how many models."""
+    from transformers import PreTrainedModel
+
+    count = 0
+    for m in model.modules():
+        if not (isinstance(m, PreTrainedModel) and getattr(m, "supports_gradient_checkpointing", False)):
+            continue
+        if hasattr(m, "activation_checkpointing_enable"):  # newer transformers (where the older names warn)
+            if not m.is_activation_checkpointing:
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                count += 1
+        elif not m.is_gradient_checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            count += 1
+    return count
+
+
+def gathered(module: Any) -> Any:
+    """A context in which an FSDP-sharded module holds its full weights (`sharding.gathered`), so
+    that ranks may run different numbers of forwards; a no-op otherwise. For inference loops."""
+    from rlhfkit import sharding
+
+    return sharding.gathered(module)
+
+
+def gather_model(model: torch.nn.Module, dist: Dist) -> Any:
+    """The model to save (`models.save_model_dir`, `models.merged`, `models.save_adapter`): itself,
+    or, under FSDP, a plain copy with the full weights gathered to rank 0 (None on the other ranks).
+    Under FSDP this is a collective: call it on every rank."""
+    from rlhfkit import sharding
+
+    if not sharding.is_sharded(model):
+        return model
+    return sharding.plain_copy(model, dist.is_main)
+
+
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the total gradient norm to ``max_norm`` (0 = no clipping); return the norm before
+    clipping as a plain tensor (under FSDP the norm over every rank's shards)."""
+    from rlhfkit import sharding
+
+    norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf"))
+    return sharding.to_local_value(norm)
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    max_grad_norm: float,
+    *,
+    step: int,
+    dist: Dist,
+    device: torch.device,
+    **finite: Any,
+) -> tuple[torch.Tensor, float]:
+    """The end of one optimizer step, after its micro-batches' backward passes: unscale the gradients
+    (float16's ``scaler``, or None), clip the norm of the trainable parameters' gradients to
+    ``max_grad_norm`` (0 = no clipping), stop at a non-finite ``finite`` quantity or gradient norm
+    (`check_finite` at ``step``, the step being taken; float16's scaler skips steps with an infinite
+    gradient itself) before the weights see it, step the optimizer (through the scaler) and the
+    schedule, drop the gradients, and wait for the device so that throughput counts finished work.
+    Returns (the gradient norm before clipping, the learning rate this step used)."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    check_finite(step, dist, **finite, grad_norm=None if scaler else grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return grad_norm, lr
+
+
+def mixed_precision(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], Any]:
+    """(autocast, scaler) for training float32 weights in ``dtype``: an autocast context factory for
+    bfloat16/float16 (a no-op one otherwise), and float16's gradient scaler (None otherwise)."""
+    amp_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    return autocast, torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def periodic(
+    step: int,
+    total_steps: int,
+    eval_every: int,
+    save_every: int,
+    held_out: Callable[[int], Any],
+    checkpoint: Callable[[int], Any],
+) -> bool:
+    """After optimizer step ``step``: the held-out evaluation every ``eval_every`` steps (not at the
+    last, whose evaluation follows the loop) and a checkpoint every ``save_every`` (0 = never).
+    True when it saved one."""
+    if eval_every and step % eval_every == 0 and step < total_steps:
+        held_out(step)
+    if save_every and step % save_every == 0:
+        checkpoint(step)
+        return True
+    return False
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -400,10 +606,23 @@ def save_checkpoint(
     schedulers: dict[str, Any],
     state: dict[str, Any],
     keep: int = 2,
-) -> Path:
+    dist: Dist = Dist(),
+) -> Path | None:
     """Write a checkpoint atomically (temporary directory + rename) and keep the newest ``keep``.
     A module with a non-finite weight is refused (NonFiniteError) before anything is written, so
-    the last checkpoint on disk stays the last good one."""
+    the last checkpoint on disk stays the last good one.
+
+    Call it on every rank with ``dist``: DDP checkpoints are written by rank 0 alone (the others
+    return None at once); with ``--strategy fsdp`` every rank writes its shard (`sharding.save`, DCP),
+    and rank 0 the rest. ``state.json`` records the world size."""
+    from rlhfkit import sharding
+
+    state = {**state, "world_size": dist.world_size}
+    if any(sharding.is_fsdp(m) for m in modules.values()):
+        return _save_sharded(run_dir, step, modules=modules, optimizers=optimizers, schedulers=schedulers, state=state,
+                             keep=keep, dist=dist)  # fmt: skip
+    if not dist.is_main:
+        return None
     from safetensors.torch import save_file
 
     from rlhfkit.models import check_finite_weights
@@ -435,6 +654,55 @@ def save_checkpoint(
     return target
 
 
+def _save_sharded(
+    run_dir: str | os.PathLike, step: int, *, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any], state: dict[str, Any], keep: int, dist: Dist,
+) -> Path | None:  # fmt: skip
+    """`save_checkpoint` under FSDP: ``.metadata`` + ``__<rank>_0.distcp`` (weights and optimizer
+    states, every rank its shard), ``trainer.pt`` (schedulers, RNG) and ``state.json`` (rank 0),
+    assembled in ``checkpoints/.step-NNNNNN.dcp`` and renamed into place once complete."""
+    from rlhfkit import sharding
+
+    bad = [sharding.local_non_finite(unwrap(m)) for m in modules.values()]
+    flags = torch.tensor([b is not None for b in bad], dtype=torch.int32, device=_collective_device(dist))
+    if dist.enabled:
+        tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+    for (name, _), weight, flag in zip(modules.items(), bad, flags.tolist(), strict=True):
+        if flag:
+            where = f"weight {weight!r}" if weight is not None else "a weight on another rank"
+            raise NonFiniteError(f"step {step}: {name}: {where} is not finite (a non-finite weight: not saved)")
+    target = checkpoint_dir(run_dir, step)
+    tmp = target.parent / f".{target.name}.dcp"
+    if dist.is_main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(dist)
+    try:
+        sharding.save(tmp, modules, optimizers)
+        barrier(dist)
+        if dist.is_main:
+            trainer = {"schedulers": {k: s.state_dict() for k, s in schedulers.items()}, "rng": rng_state()}
+            torch.save(trainer, tmp / "trainer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            for old in sorted(p for p in target.parent.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(dist)
+    return target if dist.is_main else None
+
+
+def _collective_device(dist: Dist) -> torch.device:
+    on_gpu = dist.enabled and dist_device_type() == "cuda"
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -443,7 +711,15 @@ def load_checkpoint(
     schedulers: dict[str, Any],
 ) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; return the stage's state (``step`` included).
-    A checkpoint that cannot be read (a damaged file) is one line naming it."""
+    A checkpoint that cannot be read (a damaged file) is one line naming it. A sharded (DCP)
+    checkpoint is read by any number of processes (`sharding.load` reshards it); call this after
+    `wrap_model` and after building the optimizers."""
+    from rlhfkit import sharding
+
+    if sharding.is_dcp_checkpoint(path):
+        return _load_sharded(path, modules=modules, optimizers=optimizers, schedulers=schedulers)
+    if any(sharding.is_fsdp(m) for m in modules.values()):
+        raise RlhfkitError(f"{path}: a DDP checkpoint; resume it with --strategy ddp (the strategy it was written with)")
     from safetensors.torch import load_file
 
     for name, module in modules.items():
@@ -468,6 +744,28 @@ def load_checkpoint(
     return read_state(path)
 
 
+def _load_sharded(
+    path: Path, *, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any]
+) -> dict[str, Any]:
+    from rlhfkit import sharding
+
+    if not any(sharding.is_fsdp(m) for m in modules.values()):
+        raise RlhfkitError(f"{path}: a sharded (FSDP) checkpoint; resume it with --strategy fsdp (as it was written)")
+    try:
+        sharding.load(path, modules, optimizers)
+    except Exception as e:  # DCP reports a damaged or mismatching checkpoint with its own error types
+        message = f"{path}: cannot read the sharded checkpoint ({_first_line(e)}); delete {path} to resume earlier"
+        raise RlhfkitError(message) from e
+    try:
+        trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise RlhfkitError(f"{path}/trainer.pt: cannot read it ({_first_line(e)}); delete {path} to resume earlier") from e
+    for k, s in schedulers.items():
+        s.load_state_dict(trainer["schedulers"][k])
+    set_rng_state(trainer["rng"])
+    return read_state(path)
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's ``state.json`` (strictly: a damaged one is a FILE:LINE error)."""
     from rlhfkit.data.files import parse_json
@@ -484,7 +782,8 @@ def is_run_dir(out: Path) -> bool:
 
 
 def prepare_run_dir(
-    out: str | os.PathLike, resume: bool, stage: str, config: dict[str, Any], may_change: Sequence[str] = (), dist: Dist = Dist()
+    out: str | os.PathLike, resume: bool, stage: str, config: dict[str, Any], may_change: Sequence[str] = (), dist: Dist = Dist(),
+    per_process: Sequence[str] = (),
 ) -> Path | None:
     """Decide what ``--out`` is before anything is trained: the checkpoint to resume from, or None.
 
@@ -492,7 +791,8 @@ def prepare_run_dir(
     ``--resume`` it must be empty (hidden files aside), and an earlier run there is refused with a
     hint to pass ``--resume``; with ``--resume`` and no checkpoint, a non-empty OUT must be a run
     directory (then training starts from the beginning, with a warning). A checkpoint is resumed
-    only with the same options, except ``may_change`` (`check_resume_config`).
+    only with the same options, except ``may_change``, and ``per_process`` sizes on another number
+    of processes as long as size × processes is unchanged (`check_resume_config`).
     """
     from rlhfkit.console import console
 
@@ -513,7 +813,9 @@ def prepare_run_dir(
             message = f"[yellow]--resume: no checkpoint in {out}; starting from the beginning[/]"
             console.print(message, highlight=False, soft_wrap=True)
         return _claim(out, None, dist)
-    check_resume_config(checkpoint, config, ignore=("resume", "report_to", *may_change))  # trackers may join a resumed run
+    # trackers may join a resumed run
+    check_resume_config(checkpoint, config, ignore=("resume", "report_to", *may_change), world_size=dist.world_size,
+                        per_process=per_process)  # fmt: skip
     return _claim(out, checkpoint, dist)
 
 
@@ -527,15 +829,33 @@ def _claim(out: Path, checkpoint: Path | None, dist: Dist) -> Path | None:
 
 
 def check_resume_config(
-    path: Path, config: dict[str, Any], ignore: Sequence[str] = ("resume", "max_steps", "save_every", "epochs")
+    path: Path, config: dict[str, Any], ignore: Sequence[str] = ("resume", "max_steps", "save_every", "epochs"),
+    world_size: int = 1, per_process: Sequence[str] = (),
 ) -> None:
-    """Refuse to resume with options that change the run (different lr, data, batch size, ...)."""
+    """Refuse to resume with options that change the run (different lr, data, batch size, ...).
+
+    ``per_process`` names sizes counted per process (sft's ``batch_size``): resumed on another
+    number of processes (a sharded checkpoint is read by any number), each may change as long as
+    it times the world size is what it was, so that every optimizer step sees the same rows: saved
+    by 2 processes with ``--batch-size 2``, resumed by 1 with ``--batch-size 4``."""
     state = read_state(path)
     saved = state.get("config", {})
-    changed = [k for k, v in config.items() if k not in ignore and k in saved and saved[k] != v]
+    saved_world = int(state.get("world_size", world_size))
+
+    def differs(k: str, v: Any) -> bool:
+        if k in per_process and isinstance(v, int) and isinstance(saved[k], int):
+            return saved[k] * saved_world != v * world_size
+        return saved[k] != v
+
+    changed = [k for k, v in config.items() if k not in ignore and k in saved and differs(k, v)]
     if changed:
         k = changed[0]
-        raise ConfigError(f"--resume: option '{k}' was {saved[k]!r} in {path}, now {config[k]!r}; resume with the same options")
+        hint = ""
+        if k in per_process and saved_world != world_size:
+            hint = f" × {saved_world} processes (give {saved[k] * saved_world / world_size:g} for {world_size})"
+        raise ConfigError(
+            f"--resume: option '{k}' was {saved[k]!r}{hint} in {path}, now {config[k]!r}; resume with the same options"
+        )
 
 
 # --- metrics and progress ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from rlhfkit.cli.common import (
     INPUT_PANEL,
     SAMPLING_PANEL,
     ChatTemplateOption,
+    ConcurrencyOption,
     ConfigOption,
     DeviceOption,
     DTypeOption,
@@ -30,7 +31,9 @@ def command(
     policy: Annotated[
         list[str],
         option(
-            "Model directory, hub id or .gguf file; NAME=PATH names it. Repeat to compare policies (blind, shuffled).",
+            "Model directory, hub id or .gguf file; NAME=PATH names it; NAME=openai:http://HOST:PORT/v1[#MODEL] samples "
+            "from an OpenAI-compatible server (vLLM, SGLang, llama.cpp, TGI, transformers serve). Repeat to compare policies "
+            "(blind, shuffled).",
             INPUT_PANEL,
             show_default=False,
         ),
@@ -52,6 +55,7 @@ def command(
         list[str], option("Stop string (repeatable); the EOS token always stops.", SAMPLING_PANEL, show_default=False)
     ] = D.stop,
     batch_size: Annotated[int, option("Sequences per generation batch.", SAMPLING_PANEL)] = D.batch_size,
+    concurrency: ConcurrencyOption = D.concurrency,
     select: Annotated[
         int,
         option(

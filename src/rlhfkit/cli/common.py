@@ -8,7 +8,7 @@ builds its stage's config with `build_config` and calls the stage inside `comman
 the result as JSON on stdout. The stage's ``config.check()`` reports a missing or bad option.
 
 Help panels, in this order in every command: the command's inputs and outputs, its own panels
-(``Training``, ``Sampling``, ``PPO``, ...), then `RUN_PANEL`, `LORA_PANEL` and `GENERAL`.
+(``Training``, ``Sampling``, ``PPO``, ...), then `RUN_PANEL`, `LORA_PANEL`, `SCALE_PANEL` and `GENERAL`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ RankingsFormat = choice_enum("RankingsFormat", config.RankingsFormat)
 Aggregate = choice_enum("Aggregate", config.Aggregate)
 HeadInit = choice_enum("HeadInit", config.HeadInit)
 ChatTemplate = choice_enum("ChatTemplate", config.ChatTemplate)
+Strategy = choice_enum("Strategy", config.Strategy)
 
 
 # --- configuration files ------------------------------------------------------------------------
@@ -154,6 +155,11 @@ ChatTemplateOption = Annotated[
 ]
 
 
+ConcurrencyOption = Annotated[
+    int, option("Requests in flight per served policy (NAME=openai:http://HOST:PORT/v1[#MODEL]).", SAMPLING_PANEL)
+]
+
+
 # --- option aliases shared by the training commands (sft, train-rm, ppo) ---------------------------
 
 ResumeOption = Annotated[bool, option("Continue from the newest checkpoint in --out (the same options are required).", RUN_PANEL)]
@@ -165,6 +171,24 @@ LoraAlphaOption = Annotated[int, option("LoRA alpha (scale = alpha / r).", LORA_
 LoraDropoutOption = Annotated[float, option("Dropout on the LoRA path.", LORA_PANEL)]
 LoraTargetModulesOption = Annotated[str, option("all-linear, or comma-separated module names (q_proj,v_proj).", LORA_PANEL)]
 SaveAdapterOption = Annotated[bool, option("Also save the LoRA adapter alone in OUT/adapter/ (peft format).", LORA_PANEL)]
+# scale: how the trained models are spread over the processes of a torchrun job (README, "Scale")
+SCALE_PANEL = "Scale"
+StrategyOption = Annotated[
+    Strategy,
+    option(
+        "Under torchrun: ddp = a whole replica of the trained models per process (fastest while they fit); fsdp = weights, "
+        "gradients and optimizer state sharded over the processes (FSDP2, a unit per decoder layer; the frozen reference and "
+        "reward model too), checkpoints sharded (torch.distributed.checkpoint, resumable on another number of processes).",
+        SCALE_PANEL,
+    ),
+]
+GradientCheckpointingOption = Annotated[
+    bool, option("Recompute activations during the backward pass: less memory, ~30% more compute.", SCALE_PANEL)
+]
+CpuOffloadOption = Annotated[
+    bool,
+    option("With --strategy fsdp: weights, gradients and optimizer state in CPU memory (AdamW steps on the CPU).", SCALE_PANEL),
+]
 
 
 def _report_to_callback(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
@@ -234,7 +258,8 @@ def fail(error: BaseException) -> None:
     """One red line on stderr, exit code 1 (a traceback only with ``--debug``)."""
     if debug_enabled():
         raise error
-    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
+    text = str(error).encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate in the input stays printable
+    console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(1) from None
 
 

@@ -8,6 +8,7 @@ from rlhfkit.cli.common import (
     INPUT_PANEL,
     SAMPLING_PANEL,
     ChatTemplateOption,
+    ConcurrencyOption,
     ConfigOption,
     DeviceOption,
     DTypeOption,
@@ -31,7 +32,8 @@ def command(
     policy: Annotated[
         list[str],
         option(
-            "A policy to evaluate: NAME=PATH or PATH (named after the directory). Repeat for several.",
+            "A policy to evaluate: NAME=PATH or PATH (named after the directory), or NAME=openai:http://HOST:PORT/v1[#MODEL] "
+            "(an OpenAI-compatible server; no KL or perplexity for it). Repeat for several.",
             INPUT_PANEL,
             show_default=False,
         ),
@@ -107,6 +109,7 @@ def command(
     batch_size: Annotated[
         int, option("Prompts per generation batch (and per RM / perplexity forward pass).", SAMPLING_PANEL)
     ] = D.batch_size,
+    concurrency: ConcurrencyOption = D.concurrency,
     interval: Annotated[
         Interval,
         option("Win-rate interval: wilson (score interval over matches) or bootstrap (percentile, resampling prompts).", STATS),

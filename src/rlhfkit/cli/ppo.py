@@ -13,8 +13,10 @@ from rlhfkit.cli.common import (
     TRAINING_PANEL,
     ChatTemplateOption,
     ConfigOption,
+    CpuOffloadOption,
     DeviceOption,
     DTypeOption,
+    GradientCheckpointingOption,
     KeepCheckpointsOption,
     KLEstimator,
     LoraAlphaOption,
@@ -27,6 +29,7 @@ from rlhfkit.cli.common import (
     Schedule,
     SeedOption,
     SkipInvalidOption,
+    StrategyOption,
     TrustRemoteCodeOption,
     ValueHead,
     build_config,
@@ -224,6 +227,9 @@ def command(
     lora_target_modules: LoraTargetModulesOption = D.lora_target_modules,
     save_adapter: SaveAdapterOption = D.save_adapter,
     report_to: ReportToOption = D.report_to,
+    strategy: StrategyOption = D.strategy,  # type: ignore[assignment]
+    gradient_checkpointing: GradientCheckpointingOption = D.gradient_checkpointing,
+    cpu_offload: CpuOffloadOption = D.cpu_offload,
     seed: SeedOption = D.seed,
     device: DeviceOption = D.device,  # type: ignore[assignment]
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]

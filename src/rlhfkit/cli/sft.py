@@ -11,8 +11,10 @@ from rlhfkit.cli.common import (
     TRAINING_PANEL,
     ChatTemplateOption,
     ConfigOption,
+    CpuOffloadOption,
     DeviceOption,
     DTypeOption,
+    GradientCheckpointingOption,
     KeepCheckpointsOption,
     LogEveryOption,
     LoraAlphaOption,
@@ -26,6 +28,7 @@ from rlhfkit.cli.common import (
     Schedule,
     SeedOption,
     SkipInvalidOption,
+    StrategyOption,
     TrustRemoteCodeOption,
     build_config,
     command,
@@ -97,9 +100,6 @@ def command(
             show_default=False,
         ),
     ] = D.bf16,
-    gradient_checkpointing: Annotated[
-        bool, option("Recompute activations during the backward pass: less memory, more compute.", TRAINING_PANEL)
-    ] = D.gradient_checkpointing,
     max_length: Annotated[
         int, option("Tokens per example; longer ones are cut (the start is kept) and counted in the log and rlhfkit.json.", DATA)
     ] = D.max_length,
@@ -134,6 +134,9 @@ def command(
     lora_target_modules: LoraTargetModulesOption = D.lora_target_modules,
     save_adapter: SaveAdapterOption = D.save_adapter,
     report_to: ReportToOption = D.report_to,
+    strategy: StrategyOption = D.strategy,  # type: ignore[assignment]
+    gradient_checkpointing: GradientCheckpointingOption = D.gradient_checkpointing,
+    cpu_offload: CpuOffloadOption = D.cpu_offload,
     seed: SeedOption = D.seed,
     device: DeviceOption = D.device,  # type: ignore[assignment]
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]

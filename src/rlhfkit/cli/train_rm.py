@@ -11,8 +11,10 @@ from rlhfkit.cli.common import (
     TRAINING_PANEL,
     ChatTemplateOption,
     ConfigOption,
+    CpuOffloadOption,
     DeviceOption,
     DTypeOption,
+    GradientCheckpointingOption,
     HeadInit,
     KeepCheckpointsOption,
     LogEveryOption,
@@ -27,6 +29,7 @@ from rlhfkit.cli.common import (
     Schedule,
     SeedOption,
     SkipInvalidOption,
+    StrategyOption,
     TrustRemoteCodeOption,
     build_config,
     command,
@@ -79,7 +82,10 @@ def command(
         ),
     ] = D.epochs,
     min_steps: Annotated[
-        int, option("Without --epochs: at least this many optimizer steps (epochs = ceil(min-steps / steps per epoch)).", TRAINING_PANEL)
+        int,
+        option(
+            "Without --epochs: at least this many optimizer steps (epochs = ceil(min-steps / steps per epoch)).", TRAINING_PANEL
+        ),
     ] = D.min_steps,
     max_steps: Annotated[int, option("Stop after this many optimizer steps (0 = every epoch).", TRAINING_PANEL)] = D.max_steps,
     batch_size: Annotated[
@@ -186,6 +192,9 @@ def command(
     lora_target_modules: LoraTargetModulesOption = D.lora_target_modules,
     save_adapter: SaveAdapterOption = D.save_adapter,
     report_to: ReportToOption = D.report_to,
+    strategy: StrategyOption = D.strategy,  # type: ignore[assignment]
+    gradient_checkpointing: GradientCheckpointingOption = D.gradient_checkpointing,
+    cpu_offload: CpuOffloadOption = D.cpu_offload,
     seed: SeedOption = D.seed,
     device: DeviceOption = D.device,  # type: ignore[assignment]
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]

@@ -71,6 +71,9 @@ def command(
             tokenizer, items, items.lines, source=source, max_length=max_length, skip_invalid=skip_invalid,
             skipped=items.skipped, chat_template=chat_template.value,
         )  # fmt: skip
+        from rlhfkit.stages.sft import check_context
+
+        check_context(examples, model, max_length)  # as sft: no row longer than the model's context
         result.update(valid=len(examples), skipped=stats.skipped_invalid, truncated=stats.truncated)
     elif model:
         raise ConfigError(f"--model: checks prompts and demonstrations, not {kind.value}")

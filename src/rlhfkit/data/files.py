@@ -109,7 +109,8 @@ def parse_json(text: str, source: str | os.PathLike, line: int = 1) -> Any:
         bad = _lone_surrogate(value)
         if bad is not None:
             field, char = bad
-            reason = f"not valid Unicode: a lone surrogate {char!r} (half of a UTF-16 pair; no tokenizer or UTF-8 file can hold it)"
+            field = None if field is None else field.encode("utf-8", "backslashreplace").decode("utf-8")  # printable
+            reason = f"not valid Unicode: a lone surrogate {char!r} (half of a UTF-16 pair: no tokenizer or UTF-8 file holds it)"
             raise DataError(source, line, field, reason)
     return value
 

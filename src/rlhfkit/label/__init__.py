@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhfkit.config import CommonConfig
+from rlhfkit.config import CommonConfig, check_outputs
 from rlhfkit.errors import ConfigError
 
 Mode = Literal["rank", "best-of-k", "scores", "pairwise"]  # what a labeler gives per task
@@ -87,6 +87,7 @@ class LabelConfig(CommonConfig):
                 "--guidelines with --export label-studio: Label Studio keeps instructions in the project's settings "
                 "(Settings > Instructions), not in the labeling config; paste the file there"
             )
+        check_outputs([("--out", self.out, "file")], [("SAMPLES", self.samples), ("--guidelines", self.guidelines)])
 
 
 def run(config: LabelConfig) -> dict:
@@ -101,7 +102,7 @@ def run(config: LabelConfig) -> dict:
     from rlhfkit.rankings import SampleIndex
 
     config.check()
-    samples = records.load(config.samples, records.parse_samples, skip_invalid=config.skip_invalid)
+    samples = records.load_kind(config.samples, "samples", skip_invalid=config.skip_invalid)  # as validate --kind samples
     SampleIndex(samples, samples.lines, config.samples)  # no prompt id twice, no completion id in two prompts
     if config.export is not None:
         from rlhfkit.label import export

@@ -208,9 +208,13 @@ class SamplesWriter:
 @dataclass
 class Policy:
     spec: PolicySpec
-    model: Any
+    model: Any  # a local model, or a `served.Client` (``NAME=openai:URL``: no tokenizer here)
     tokenizer: Any
     stop_ids: list[int]
+
+    @property
+    def served(self) -> bool:
+        return self.tokenizer is None
 
 
 def load_policies(specs: Sequence[PolicySpec], config: CollectConfig) -> list[Policy]:
@@ -220,8 +224,16 @@ def load_policies(specs: Sequence[PolicySpec], config: CollectConfig) -> list[Po
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    from rlhfkit.config import is_served
+    from rlhfkit.served import Client
+
     out = []
     for spec in specs:
+        if is_served(spec.path):  # sampled by an OpenAI-compatible server: reached (and its model named) before any sampling
+            client = Client(spec.path, name=spec.name, concurrency=config.concurrency)
+            client.check()
+            out.append(Policy(spec, client, None, []))
+            continue
         tokenizer = load_tokenizer(spec.path, trust_remote_code=config.trust_remote_code)
         model = load_model(spec.path, "causal-lm", dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
         model = for_sampling(model, spec.path)  # an ILQL model samples from logits + β·(Q − V)
@@ -240,6 +252,8 @@ def check_policy_prompts(
     line_of = dict(zip((p.id for p in prompts), prompts.lines))
     source = "<stdin>" if config.prompts == files.STDIO else config.prompts
     for policy in policies:
+        if policy.served:
+            continue  # the server knows its model's context; a prompt too long is its error, naming the policy
         lines = [line_of[p.id] for p in todo]
         check_prompts(policy.tokenizer, [p.prompt for p in todo], source=source, lines=lines, mode=config.chat_template,
                       context=context_length(policy.model), max_new_tokens=config.max_new_tokens)  # fmt: skip
@@ -267,6 +281,8 @@ def sample_policy(
     from rlhfkit.chat import encode_prompt
     from rlhfkit.generation import sample
 
+    if policy.served:
+        return sample_served(policy, prompts, config, sampling, meter)
     name = policy.spec.name
     rows = [(p, k) for p in prompts for k in range(config.k)]
     ids = {p.id: encode_prompt(policy.tokenizer, p.prompt, config.chat_template) for p in prompts}
@@ -302,6 +318,28 @@ def sample_policy(
                     logprob=round(float(logprobs[i]), 4),
                 )
             )
+    return out
+
+
+def sample_served(
+    policy: Policy, prompts: Sequence[Prompt], config: CollectConfig, sampling: dict[str, Any], meter: Throughput
+) -> dict[str, list[Completion]]:
+    """`sample_policy` for a served policy (`rlhfkit.served`): one request per completion, with the
+    seed a local model would use, ``--concurrency`` in flight; ids as for a local model."""
+    from rlhfkit.served import Request, Sampling
+
+    name = policy.spec.name
+    rows = [(p, k) for p in prompts for k in range(config.k)]
+    options = Sampling(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                       top_k=config.top_k, stop=tuple(config.stop), chat_template=config.chat_template)  # fmt: skip
+    start = time.perf_counter()
+    answers = policy.model.sample([Request(p.prompt, row_seed(config.seed, p.id, name, k)) for p, k in rows], options)
+    meter.seconds += time.perf_counter() - start
+    meter.tokens += sum(a.num_tokens for a in answers)
+    out: dict[str, list[Completion]] = {p.id: [] for p in prompts}
+    for (p, k), a in zip(rows, answers):
+        out[p.id].append(Completion(id=completion_id(p.id, name, k, sampling), text=a.text, policy=name,
+                                    finish_reason=a.finish_reason, num_tokens=a.num_tokens, logprob=None))  # fmt: skip
     return out
 
 

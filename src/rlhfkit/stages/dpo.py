@@ -67,7 +67,7 @@ REFERENCE_FILE = "reference_logps.safetensors"  # in OUT/checkpoints/
 # options that may differ when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = (
     "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every", "keep_checkpoints", "device",
-    "save_adapter",
+    "save_adapter", "gradient_checkpointing", "cpu_offload",
 )  # fmt: skip
 
 
@@ -129,11 +129,8 @@ def run(config: DPOConfig) -> dict[str, Any] | None:
     config.check()
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    dist = training.init_distributed(device)
-    try:
+    with training.distributed_run(device) as dist:  # the shared teardown: failures end every rank, leave no half run
         return _run(config, device, dtype, dist)
-    finally:
-        training.shutdown_distributed(dist)
 
 
 def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: training.Dist) -> dict[str, Any] | None:
@@ -178,16 +175,15 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
     if config.lora:
         model = models.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                   target_modules=config.lora_target_modules)  # fmt: skip
-    model.eval()  # no dropout anywhere (attention dropout too): log-probs are a function of the weights
-    scorer = training.wrap_ddp(SequenceLogps(model), dist, device)
-    amp_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
-    autocast: Callable[[], AbstractContextManager] = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    )
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # no dropout anywhere (attention dropout too): log-probs are a function of the weights; training mode only
+    # lets --gradient-checkpointing recompute (transformers applies it then)
+    model.train(config.gradient_checkpointing)
+    scorer = training.wrap_model(SequenceLogps(model), dist, device, config)  # --strategy (DDP, or FSDP in place)
+    autocast, scaler = training.mixed_precision(dtype, device)
 
     # 3. the reference log-probs: computed once while the policy is the reference, cached in OUT
-    ref_train, ref_val = reference_logps(model, train, val, out, tokenizer.pad_token_id, config, device, autocast, dist, say)
+    with training.gathered(model):  # FSDP: ranks' shards may take different numbers of batches
+        ref_train, ref_val = reference_logps(model, train, val, out, tokenizer.pad_token_id, config, device, autocast, dist, say)
 
     # 4. schedule, optimizer, resume
     steps_per_epoch = preference_data.steps_per_epoch(len(train_groups), dist, config.batch_size, config.grad_accum)
@@ -210,18 +206,18 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
     metrics_log = training.MetricsLog(out, dist, resume_step=step if resume_from is not None else None, run=info)
 
     def checkpoint(at: int) -> None:
-        if dist.is_main:
-            training.save_checkpoint(
-                out, at, modules={"policy": model}, optimizers={"policy": optimizer}, schedulers=schedulers,
-                state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha},
-                keep=config.keep_checkpoints,
-            )  # fmt: skip
+        training.save_checkpoint(  # rank 0 writes (DDP), or every rank its shard (FSDP)
+            out, at, modules={"policy": model}, optimizers={"policy": optimizer}, schedulers=schedulers,
+            state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha},
+            keep=config.keep_checkpoints, dist=dist,
+        )  # fmt: skip
         training.barrier(dist)
 
     def held_out(at: int) -> dict[str, float]:
         if not val_groups:
             return {}
-        result = evaluate(model, val, ref_val, config, tokenizer.pad_token_id, device, autocast, dist)
+        with training.gathered(model):
+            result = evaluate(model, val, ref_val, config, tokenizer.pad_token_id, device, autocast, dist)
         return {k: v for k, v in metrics_log.log(at, result).items() if k != "step"}
 
     # 5. train
@@ -262,32 +258,14 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
                     sums[k] = sums.get(k, 0) + v / len(micro)
                 pairs_done += sum(train_groups[e].num_pairs for e in chunk)  # counted on the host: no device sync
                 tokens_done += sum(train_groups[e].num_tokens for e in chunk)
-            if scaler:
-                scaler.unscale_(optimizer)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            )
-            lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # so that the throughput counts finished work
+            grad_norm, lr = training.optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm,
+                                                    step=step + 1, dist=dist, device=device, loss=sums["loss"])  # fmt: skip
             train_seconds += time.perf_counter() - started
             step += 1
             window.append({**sums, "grad_norm": grad_norm.detach()})
 
             if step % config.log_every == 0 or step == total_steps:
-                mean = {k: torch.stack([w[k] for w in window]).mean().float() for k in window[0]}
-                mean["pairs"] = torch.tensor(float(pairs_done), device=device)
-                mean["tokens"] = torch.tensor(float(tokens_done), device=device)
-                packed = training.all_reduce_mean(torch.stack(list(mean.values())), dist)  # one collective for all
-                mean = dict(zip(mean, packed.unbind(0), strict=True))
+                mean = training.window_means(window, dist, device, pairs=pairs_done, tokens=tokens_done)
                 last = metrics_log.log(step, {
                     "loss/train": mean["loss"],
                     "rewards/chosen": mean["rewards_chosen"],
@@ -306,10 +284,7 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
                 bar.update(0, info=f"loss {last['loss/train']:.4f} | acc {last['rewards/accuracies']:.2f} | "
                                    f"margin {last['rewards/margins']:.3f} | {last['perf/pairs_per_s']:.1f} pairs/s")  # fmt: skip
             bar.update(1)
-            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                held_out(step)
-            if config.save_every and step % config.save_every == 0:
-                checkpoint(step)
+            if training.periodic(step, total_steps, config.eval_every, config.save_every, held_out, checkpoint):
                 saved_at = step
     if saved_at != step:
         checkpoint(step)
@@ -317,11 +292,12 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
     # 6. held-out evaluation, the model directory
     evaluation = held_out(step)
     summary = {**{k: v for k, v in last.items() if k != "step"}, **evaluation, "steps": step}
+    saved = training.gather_model(model, dist)  # FSDP: the full weights on rank 0 (every rank takes part)
     if dist.is_main:
-        final = models.merged(model) if config.lora else model
+        final = models.merged(saved) if config.lora else saved
         keep = models.RUN_FILES
         if config.lora and config.save_adapter:
-            models.save_adapter(model, out / models.ADAPTER_DIR)
+            models.save_adapter(saved, out / models.ADAPTER_DIR)
             keep = (*keep, models.ADAPTER_DIR)
         extra = {"dpo": {"beta": config.beta, "loss": config.loss, "reference": "the starting policy (--policy)",
                          "train": train_stats.as_dict(), "val": val_stats.as_dict()}}  # fmt: skip

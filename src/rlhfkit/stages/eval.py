@@ -69,10 +69,11 @@ def run(config: EvalConfig) -> dict[str, Any]:
     """Phases 1-6; the result dict (the CLI prints it as JSON)."""
     import torch
 
-    from rlhfkit.config import check_outputs, is_script, parse_script_spec
+    from rlhfkit.chat import check_prompts
+    from rlhfkit.config import check_outputs, is_script, is_served, parse_script_spec
     from rlhfkit.console import console
     from rlhfkit.data.records import load_kind
-    from rlhfkit.models import resolve_device, resolve_dtype
+    from rlhfkit.models import load_tokenizer, model_context, resolve_device, resolve_dtype
 
     config.check()
     started = time.perf_counter()
@@ -87,15 +88,28 @@ def run(config: EvalConfig) -> dict[str, Any]:
     items = list(prompts)[: config.max_prompts] if config.max_prompts else list(prompts)
     demos = load_kind(config.demos, "demonstrations", skip_invalid=config.skip_invalid) if config.demos else None
     checkpoints = find_checkpoints(config.checkpoints) if config.checkpoints else []
-    for _, path in checkpoints:
-        checkpoint_config(config.checkpoints, path)  # each names the policy it started from
+    bases = [str(checkpoint_config(config.checkpoints, path)["policy"]) for _, path in checkpoints]  # each names its policy
+    # every prompt fits every model (its tokenizer takes it, it leaves room for --max-new-tokens in the context)
+    specs = [named_path(config.baseline, "--baseline")[1], *(named_path(p)[1] for p in config.policy), *bases]
+    for spec in dict.fromkeys(spec for spec in specs if not is_served(spec)):  # a served model's server checks its own
+        check_prompts(load_tokenizer(spec, trust_remote_code=config.trust_remote_code), [it.prompt for it in items],
+                      source="<stdin>" if config.prompts == "-" else config.prompts, lines=prompts.lines[: len(items)],
+                      mode=config.chat_template, context=model_context(spec, trust_remote_code=config.trust_remote_code),
+                      max_new_tokens=config.max_new_tokens)  # fmt: skip
 
+    # served policies (NAME=openai:URL): each server reached and its model named before any sampling
+    from rlhfkit.served import Client
+
+    clients = {spec: Client(named_path(spec)[1], name=named_path(spec)[0], concurrency=config.concurrency)
+               for spec in config.policy if is_served(named_path(spec)[1])}  # fmt: skip
+    for client in clients.values():
+        client.check()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     torch.manual_seed(config.seed)
     rows = [(i, j) for i in range(len(items)) for j in range(config.n_samples)]
     kl_temperature = config.temperature if config.temperature > 0 else 1.0
-    sampler = Sampler(config, items, rows, device, dtype, kl_temperature, console, lines=prompts.lines[: len(items)])
+    sampler = Sampler(config, items, rows, device, dtype, kl_temperature, console)
 
     # 1.-2. every model samples the same rows; its scores, KL to the baseline, lengths, perplexity
     with torch.no_grad():
@@ -128,6 +142,10 @@ def run(config: EvalConfig) -> dict[str, Any]:
         policies = []
         for spec in config.policy:
             player = Player(*named_path(spec))
+            if spec in clients:
+                sampler.sample_served(player, clients[spec])  # no perplexity: the server gives no log-probs
+                policies.append(player)
+                continue
             model, tok = sampler.load(player.path)
             sampler.sample_player(player, model, tok)
             if demos is not None:
@@ -324,6 +342,10 @@ def assemble(
     }
 
 
+# what eval may write in --out (`config.check_outputs` refuses an input among them)
+OUT_FILES = ("samples.jsonl", "report.json", "report.md", "judge_rankings.jsonl", "reward_vs_kl.png", "winrate.png", "elo.png")
+
+
 def write_outputs(
     result: dict[str, Any],
     out: Path,
@@ -336,32 +358,7 @@ def write_outputs(
     """``samples.jsonl`` (every completion, with its model, score and KL), ``report.md``, the
     plots, ``report.json`` (this result) and the judge's raw answer in ``out``, all or none
     (`data.files.output_group`); returns their paths."""
-    from rlhfkit.data.files import output_group
-
-    existed = out.exists()
-    try:
-        with output_group():
-            return _write_outputs(result, out, items, rows, players, config, judge_answer)
-    except BaseException:
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-
-
-# what eval may write in --out (`config.check_outputs` refuses an input among them)
-OUT_FILES = ("samples.jsonl", "report.json", "report.md", "judge_rankings.jsonl", "reward_vs_kl.png", "winrate.png", "elo.png")
-
-
-def _write_outputs(
-    result: dict[str, Any],
-    out: Path,
-    items: Sequence[Any],
-    rows: Sequence[tuple[int, int]],
-    players: Sequence[Player],
-    config: EvalConfig,
-    judge_answer: str | None,
-) -> dict[str, Any]:
-    from rlhfkit.data.files import atomic_open, write_json, write_jsonl
+    from rlhfkit.data.files import atomic_open, output_group, write_json, write_jsonl
     from rlhfkit.report import write_report
 
     def records():
@@ -378,13 +375,20 @@ def _write_outputs(
                     })  # fmt: skip
             yield {"prompt_id": item.id, "prompt": item.prompt, "completions": completions, "sampling": _sampling(config)}
 
-    files: dict[str, Any] = {"samples": str(out / "samples.jsonl"), "report_json": str(out / "report.json")}
-    write_jsonl(out / "samples.jsonl", records())
-    if judge_answer is not None:
-        with atomic_open(out / "judge_rankings.jsonl") as f:
-            f.write(judge_answer)
-        files["judge_rankings"] = str(out / "judge_rankings.jsonl")
-    result["files"] = files
-    files.update(write_report(result, out))
-    write_json(out / "report.json", result)
-    return files
+    existed = out.exists()
+    try:
+        with output_group():
+            files: dict[str, Any] = {"samples": str(out / "samples.jsonl"), "report_json": str(out / "report.json")}
+            write_jsonl(out / "samples.jsonl", records())
+            if judge_answer is not None:
+                with atomic_open(out / "judge_rankings.jsonl") as f:
+                    f.write(judge_answer)
+                files["judge_rankings"] = str(out / "judge_rankings.jsonl")
+            result["files"] = files
+            files.update(write_report(result, out))
+            write_json(out / "report.json", result)
+            return files
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise

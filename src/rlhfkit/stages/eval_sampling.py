@@ -54,7 +54,8 @@ def find_checkpoints(run_dir: str) -> list[tuple[int, Path]]:
         raise ConfigError(f"--checkpoints {run_dir}: no checkpoints/ directory (expected a ppo run directory)")
     found = []
     for d in sorted(root.glob("step-*")):
-        if (d / "state.json").is_file() and (d / "policy.safetensors").is_file():
+        sharded = (d / ".metadata").is_file()  # --strategy fsdp: a DCP checkpoint (rlhfkit.sharding)
+        if (d / "state.json").is_file() and ((d / "policy.safetensors").is_file() or sharded):
             try:
                 found.append((int(d.name.split("-", 1)[1]), d))
             except ValueError:
@@ -92,6 +93,17 @@ def load_checkpoint_policy(
     spec = str(config["policy"])
     model = load_model(spec, "causal-lm", dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    if (checkpoint / ".metadata").is_file():  # written with --strategy fsdp: the policy's entries of the sharded checkpoint
+        from rlhfkit import sharding
+
+        if config.get("lora"):
+            model = apply_lora(model, r=int(config.get("lora_r", 16)), alpha=int(config.get("lora_alpha", 32)),
+                               target_modules=str(config.get("lora_target_modules", "all-linear")))  # fmt: skip
+        try:
+            sharding.load_module(checkpoint, "policy", model)
+        except Exception as e:  # DCP reports a damaged or mismatching checkpoint with its own error types
+            raise RlhfkitError(f"{checkpoint}: cannot read the policy from the sharded checkpoint ({str(e)[:200]})") from e
+        return merged(model), tokenizer
     try:
         weights = load_file(str(checkpoint / "policy.safetensors"), device=str(device))
     except Exception as e:  # a damaged file: safetensors raises its own error type
@@ -126,12 +138,8 @@ class Sampler:
     """What every model's sampling shares: prompts, rows, device, the baseline and the reward; it
     counts the tokens sampled and the seconds spent (the throughput of the report)."""
 
-    def __init__(
-        self, config: EvalConfig, items: list, rows: list, device: Any, dtype: Any, kl_temperature: float, console: Any,
-        lines: list[int] | None = None,
-    ):  # fmt: skip
+    def __init__(self, config: EvalConfig, items: list, rows: list, device: Any, dtype: Any, kl_temperature: float, console: Any):
         self.config, self.items, self.rows = config, items, rows
-        self.lines = lines if lines is not None else list(range(1, len(items) + 1))  # each prompt's line in --prompts
         self.device, self.dtype, self.kl_temperature, self.console = device, dtype, kl_temperature, console
         self.reward: Any = None
         self.base_model: Any = None
@@ -153,13 +161,6 @@ class Sampler:
 
     def sample_player(self, player: Player, model: Any, tokenizer: Any) -> None:
         """Sample every row; score, measure KL to the baseline, and keep one dict per row."""
-        from rlhfkit.chat import check_prompts
-        from rlhfkit.models import context_length
-
-        source = "<stdin>" if self.config.prompts == "-" else self.config.prompts
-        prompts = [it.prompt for it in self.items]  # each fits this model, checked before it samples:
-        check_prompts(tokenizer, prompts, source=source, lines=self.lines, mode=self.config.chat_template,
-                      context=context_length(model), max_new_tokens=self.config.max_new_tokens)  # fmt: skip
         seeds = [row_seed(self.config.seed, self.items[i].id, j, scheme="sha63") for i, j in self.rows]
         is_base = player.kind == "baseline"
         same_vocab = is_base or tokenizer.get_vocab() == self.base_tok.get_vocab()
@@ -168,6 +169,40 @@ class Sampler:
         player.completions = self._generate(
             player.name, model, tokenizer, [i for i, _ in self.rows], seeds, kl=not is_base and same_vocab, same_vocab=same_vocab
         )
+
+    def sample_served(self, player: Player, client: Any) -> None:
+        """Every row from a served policy (`rlhfkit.served.Client`): the seeds a local model would use
+        (so the rows match across models), scored by the reward model on the text (re-encoded with its
+        own tokenizer); no log-prob, so no KL to the baseline."""
+        import torch
+
+        from rlhfkit.served import Request, Sampling
+
+        config = self.config
+        options = Sampling(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                           chat_template=config.chat_template)  # fmt: skip
+        seeds = [row_seed(config.seed, self.items[i].id, j, scheme="sha63") for i, j in self.rows]  # as `sample_player`'s
+        requests = [Request(self.items[i].prompt, seed) for (i, _), seed in zip(self.rows, seeds)]
+        t0 = time.perf_counter()
+        answers = client.sample(requests, options)
+        self.sampling_seconds += time.perf_counter() - t0
+        self.tokens += sum(a.num_tokens for a in answers)
+        scores: list[float | None] = [None] * len(answers)
+        if self.reward is not None:
+            scores = []
+            for start in range(0, len(answers), config.batch_size):
+                chunk = list(range(start, min(start + config.batch_size, len(answers))))
+                prompts = [self.items[self.rows[r][0]].prompt for r in chunk]
+                stopped = torch.tensor([answers[r].finish_reason == "stop" for r in chunk])
+                scores += self.reward.score(prompts, [answers[r].text for r in chunk], stopped=stopped).float().tolist()
+            bad = next((v for v in scores if not math.isfinite(v)), None)
+            if bad is not None:
+                raise RlhfkitError(f"--rm {config.rm}: scored a completion of {player.name} {bad} (not a finite number)")
+        player.completions = [
+            {"text": a.text, "finish_reason": a.finish_reason, "num_tokens": a.num_tokens, "logprob": None, "score": score,
+             "kl": None}
+            for a, score in zip(answers, scores)  # fmt: skip
+        ]
 
     def sample_best_of(self, player: Player, model: Any, tokenizer: Any) -> None:
         """N fresh baseline samples per row (seeds of their own); keep the RM's favourite."""

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from rlhfkit.stages import preference_data
 STAGE = "ilql"
 RESUME_MAY_CHANGE = (
     "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every", "keep_checkpoints", "device",
-    "save_adapter",
+    "save_adapter", "gradient_checkpointing",
 )  # fmt: skip
 Rewarded = tuple[tuple[int, ...], tuple[int, ...], float]  # (prompt ids, completion ids, reward)
 
@@ -152,11 +152,8 @@ def run(config: ILQLConfig) -> dict[str, Any] | None:
     config.check()
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    dist = training.init_distributed(device)
-    try:
+    with training.distributed_run(device) as dist:  # the shared teardown: failures end every rank, leave no half run
         return _run(config, device, dtype, dist)
-    finally:
-        training.shutdown_distributed(dist)
 
 
 def load_data(config: ILQLConfig, tokenizer: Any) -> tuple[list[Rewarded], list[Rewarded], DataStats, DataStats, int]:
@@ -221,13 +218,12 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
     if config.lora:
         lm = models.apply_lora(lm, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                target_modules=config.lora_target_modules)  # fmt: skip
-    model = ILQLModel(lm, q_head, v_head).eval()  # dropout off everywhere
-    ddp_model = training.wrap_ddp(model, dist, device)
-    amp_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
-    autocast: Callable[[], AbstractContextManager] = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    )
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # dropout off everywhere; training mode only lets --gradient-checkpointing recompute (transformers applies it then)
+    model = ILQLModel(lm, q_head, v_head).train(config.gradient_checkpointing)
+    if config.strategy == "fsdp" and dist.enabled:  # the Polyak target Q-head is updated from Q's (sharded) weights
+        raise ConfigError("--strategy fsdp: not for ilql on several processes yet (use --strategy ddp)")
+    ddp_model = training.wrap_model(model, dist, device, config)
+    autocast, scaler = training.mixed_precision(dtype, device)
 
     # 3. schedule, optimizer, resume
     steps_per_epoch = preference_data.steps_per_epoch(len(train), dist, config.batch_size, config.grad_accum)
@@ -249,12 +245,11 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
     metrics_log = training.MetricsLog(out, dist, resume_step=step if resume_from is not None else None, run=info)
 
     def checkpoint(at: int) -> None:
-        if dist.is_main:
-            training.save_checkpoint(
-                out, at, modules=trained, optimizers={"ilql": optimizer}, schedulers=schedulers,
-                state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha},
-                keep=config.keep_checkpoints,
-            )  # fmt: skip
+        training.save_checkpoint(  # rank 0 writes
+            out, at, modules=trained, optimizers={"ilql": optimizer}, schedulers=schedulers,
+            state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha},
+            keep=config.keep_checkpoints, dist=dist,
+        )  # fmt: skip
         training.barrier(dist)
 
     def held_out(at: int) -> dict[str, float]:
@@ -294,33 +289,15 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
                     sums[k] = sums.get(k, 0) + v / len(micro)
                 sequences_done += len(rows)
                 tokens_done += sum(len(p) + len(c) for p, c, _ in rows)
-            if scaler:
-                scaler.unscale_(optimizer)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            )
-            lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = training.optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm,
+                                                    step=step + 1, dist=dist, device=device, loss=sums["loss"])  # fmt: skip
             polyak_update(target_q, model.q, config.polyak)  # the same on every rank: Q is
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - started
             step += 1
             window.append({**sums, "grad_norm": grad_norm.detach()})
 
             if step % config.log_every == 0 or step == total_steps:
-                mean = {k: torch.stack([w[k] for w in window]).mean().float() for k in window[0]}
-                mean["sequences"] = torch.tensor(float(sequences_done), device=device)
-                mean["tokens"] = torch.tensor(float(tokens_done), device=device)
-                packed = training.all_reduce_mean(torch.stack(list(mean.values())), dist)
-                mean = dict(zip(mean, packed.unbind(0), strict=True))
+                mean = training.window_means(window, dist, device, sequences=sequences_done, tokens=tokens_done)
                 last = metrics_log.log(step, {
                     "loss/train": mean["loss"],
                     "loss/q": mean["loss_q"],
@@ -340,10 +317,7 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
                 bar.update(0, info=f"loss {last['loss/train']:.4f} | q {last['ilql/q']:.3f} | v {last['ilql/v']:.3f} | "
                                    f"{last['perf/sequences_per_s']:.1f} seq/s")  # fmt: skip
             bar.update(1)
-            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                held_out(step)
-            if config.save_every and step % config.save_every == 0:
-                checkpoint(step)
+            if training.periodic(step, total_steps, config.eval_every, config.save_every, held_out, checkpoint):
                 saved_at = step
     if saved_at != step:
         checkpoint(step)

@@ -103,7 +103,8 @@ from rlhfkit.training import Dist
 
 KLController = AdaptiveKLController | FixedKLController
 # options that --resume may give other values
-RESUME_MAY_CHANGE = ("save_every", "sample_every", "num_samples", "keep_checkpoints", "save_adapter", "device", "judge_timeout")
+RESUME_MAY_CHANGE = ("save_every", "sample_every", "num_samples", "keep_checkpoints", "save_adapter", "device", "judge_timeout",
+                     "gradient_checkpointing", "cpu_offload")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,10 +128,12 @@ def run(config: PPOConfig) -> dict[str, Any] | None:
 def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
     from rlhfkit import models as model_io
     from rlhfkit.console import progress_bar
+    from rlhfkit.errors import ConfigError
     from rlhfkit.provenance import RunInfo
     from rlhfkit.training import (
         MetricsLog,
         barrier,
+        gather_model,
         load_checkpoint,
         make_optimizer,
         make_scheduler,
@@ -152,7 +155,9 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
     items, truncated = load_prompts(config, tokenizer)
     ptx, ptx_stats = load_ptx(config, tokenizer, sizes(config).micro_batch, dist)
 
-    models = build_models(config, tokenizer, device, dtype, dist)
+    if config.judge and config.strategy == "fsdp" and dist.enabled:  # the judge samples on rank 0 alone
+        raise ConfigError("--judge: not with --strategy fsdp on several processes yet (use --strategy ddp)")
+    models = build_models(config, tokenizer, device, dtype, dist)  # --strategy: DDP, or every model sharded (FSDP)
     optimizer = make_optimizer(models.actor_critic, config.lr, config.weight_decay, eps=config.adam_eps)
     # one scheduler step per PPO step: LR annealed linearly to 0 over --steps (lm-human-preferences)
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.steps)
@@ -175,18 +180,18 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
     samples_log = SamplesLog(out / SAMPLES_FILE, dist, resume_step=resume_step, enabled=config.sample_every > 0)
 
     def save(step: int) -> None:
-        if dist.is_main:
-            state = {"config": config_dict, "kl_controller": kl_ctl.state_dict(), "ptx_position": ptx.position if ptx else 0,
-                     "judge": judge.state_dict()}  # fmt: skip
-            save_checkpoint(
-                out,
-                step,
-                modules=trained,
-                optimizers={"ppo": optimizer},
-                schedulers={"ppo": scheduler},
-                state=state,
-                keep=config.keep_checkpoints,
-            )
+        state = {"config": config_dict, "kl_controller": kl_ctl.state_dict(), "ptx_position": ptx.position if ptx else 0,
+                 "judge": judge.state_dict()}  # fmt: skip
+        save_checkpoint(  # rank 0 writes (DDP), or every rank its shard (FSDP)
+            out,
+            step,
+            modules=trained,
+            optimizers={"ppo": optimizer},
+            schedulers={"ppo": scheduler},
+            state=state,
+            keep=config.keep_checkpoints,
+            dist=dist,
+        )
         barrier(dist)
 
     # a resumed run that is already complete still reports (and records) its last metrics
@@ -215,9 +220,10 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
                                f"{seconds:.2f} s/step")  # fmt: skip
 
     summary = {k: v for k, v in last.items() if k.split("/")[0] in ("objective", "response", "val", "policy", "loss")}
+    policy = gather_model(models.policy, dist)  # FSDP: the full weights on rank 0 (every rank takes part); else the policy
     if dist.is_main:
         judged = judge.finish()  # --judge --keep-best: the judge's best policy's weights are loaded into the policy
-        final = model_io.merged(models.policy) if config.lora else models.policy
+        final = model_io.merged(policy) if config.lora else policy
         extra = {
             "ppo": {
                 "steps": config.steps,
@@ -230,7 +236,7 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
         }
         model_io.save_model_dir(final, tokenizer, out, info, summary, extra=extra)
         if config.lora and config.save_adapter:
-            model_io.save_adapter(models.policy, out / model_io.ADAPTER_DIR)
+            model_io.save_adapter(policy, out / model_io.ADAPTER_DIR)
     barrier(dist)
     if not dist.is_main:
         return None  # one result on stdout, from rank 0
@@ -349,10 +355,12 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 def generate(models: Models, items: Sequence[PromptItem], seeds: Sequence[int], config: PPOConfig) -> Any:
     """2. One response per prompt (generation.sample), ``--generation-batch-size`` prompts at a time."""
     from rlhfkit.generation import Rollout, left_pad, right_pad, sample
+    from rlhfkit.training import gathered
 
     chunk = config.generation_batch_size or len(items)
     parts = []
-    with models.autocast():
+    # FSDP: the policy's weights gathered once for the whole call (rows stop at different steps on each rank)
+    with models.autocast(), gathered(models.policy):
         for start in range(0, len(items), chunk):
             parts.append(
                 sample(
@@ -545,7 +553,7 @@ def ppo_update(
     steps taken) and ``minibatches``: per mini-batch ``ratio_min``/``ratio_max`` (for checking the
     first ratio is 1) and ``approxkl``.
     """
-    from rlhfkit.training import all_reduce_mean, check_finite, no_sync
+    from rlhfkit.training import all_reduce_mean, check_finite, clip_grad_norm, no_sync
 
     sz = sizes(config)
     kl_coef = config.kl_coef if kl_coef is None else kl_coef
@@ -582,7 +590,7 @@ def ppo_update(
                         micro_stats["loss/ptx"] = out["ptx_loss"].detach()
                     for k, v in micro_stats.items():
                         stats.setdefault(k, []).append(v)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else math.inf)
+            grad_norm = clip_grad_norm(params, config.max_grad_norm)
             if config.max_grad_norm > 0:
                 stats.setdefault("grad_norm", []).append(grad_norm)
             check_finite(step + 1, dist, loss=loss.detach(), grad_norm=grad_norm)  # before the weights see it

@@ -163,7 +163,7 @@ def load_ptx(config: PPOConfig, tokenizer: Any, micro_batch: int, dist: Dist = D
     from rlhfkit.data import records
     from rlhfkit.demonstrations import encode_dataset
 
-    loaded = records.load(config.ptx_data, records.parse_demonstration, skip_invalid=config.skip_invalid)
+    loaded = records.load_kind(config.ptx_data, "demonstrations", skip_invalid=config.skip_invalid)
     examples, stats = encode_dataset(
         tokenizer, loaded, loaded.lines, source=config.ptx_data, max_length=config.ptx_max_length,
         skip_invalid=config.skip_invalid, skipped=loaded.skipped, chat_template=config.chat_template,

@@ -87,7 +87,7 @@ def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype:
     from rlhfkit import models
     from rlhfkit.chat import stop_token_ids
     from rlhfkit.reward import is_script, load_reward
-    from rlhfkit.training import wrap_ddp
+    from rlhfkit.training import wrap_model
     from rlhfkit.value import ActorCritic, ValueHead, hidden_size
 
     micro = sizes(config).micro_batch
@@ -101,12 +101,18 @@ def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype:
         raise ConfigError(
             f"--conservative-coef: the reward {config.rm} has one member (mean − λ·std needs an ensemble: train-rm --ensemble M)"
         )
+    # --strategy fsdp shards the frozen reward model and reference too (no optimizer state; no DDP for them), each as soon
+    # as it is loaded: every process holds one model at full size at a time, not all four
+    if getattr(reward, "model", None) is not None:
+        reward.model = wrap_model(reward.model, dist, device, config, trainable=False)
     policy = _dropout_off(load(config.policy, "causal-lm"))
     reference = None
     if config.ref:
         reference = _dropout_off(load(config.ref, "causal-lm")).requires_grad_(False)
     elif not config.lora:
         reference = _dropout_off(copy.deepcopy(policy)).requires_grad_(False)
+    if reference is not None:
+        reference = wrap_model(reference, dist, device, config, trainable=False)
     value_model = value_head = None
     if not config.has_critic:
         pass  # rloo, grpo: each sample's baseline is the other samples of its prompt
@@ -124,10 +130,11 @@ def build_models(config: PPOConfig, tokenizer: Any, device: torch.device, dtype:
         policy = _dropout_off(models.apply_lora(policy, kind="causal-lm", **lora))
         if value_model is not None:
             value_model = _dropout_off(models.apply_lora(value_model, kind="reward", **lora))
-    actor_critic = ActorCritic(policy, value_model=value_model, value_head=value_head).eval()
+    # dropout is off everywhere; training mode only lets --gradient-checkpointing recompute (transformers applies it then)
+    actor_critic = ActorCritic(policy, value_model=value_model, value_head=value_head).train(config.gradient_checkpointing)
     autocast = dtype if dtype in (torch.bfloat16, torch.float16) else None
     return Models(
-        actor_critic=wrap_ddp(actor_critic, dist, device),
+        actor_critic=wrap_model(actor_critic, dist, device, config),
         reference=reference,
         reward=reward,
         tokenizer=tokenizer,

@@ -4,7 +4,8 @@ The same files, ranking groups and validation split as train-rm (`rlhfkit.rm_dat
 from train-rm's batch elements because these stages score the completion *after* its prompt: a
 sequence here is a (prompt ids, completion ids) pair, the very ids ppo samples and scores
 (`rlhfkit.chat`: the prompt rendered with ``--chat-template``, a completion that stopped ends with
-its EOS).
+its EOS, one cut off at the length limit does not: a comparison's ``chosen_finish_reason`` /
+``rejected_finish_reason``, a sample's ``finish_reason``).
 
 * `load_comparisons` — ``--data`` and the held-out set: ``--val-data``, or ``--val-fraction`` of the
   prompts split off ``--data`` by `rm_data.split_by_prompt` (train-rm's split, with the same seed);
@@ -138,17 +139,17 @@ def build_groups(comparisons: Iterable[Comparison], encode: Encoder, max_length:
     groups = []
     for members in order:
         prompt = encode.prompt(members[0].prompt)
-        index: dict[str, int] = {}
+        index: dict[tuple[str, bool], int] = {}
         completions: list[Ids] = []
         winners, losers = [], []
         for c in members:
-            chosen, rejected = encode.completion(c.chosen), encode.completion(c.rejected)
+            chosen, rejected = encode.completion(c.chosen, c.chosen_stopped), encode.completion(c.rejected, c.rejected_stopped)
             if len(prompt) + max(len(chosen), len(rejected)) > max_length:
                 stats.dropped_too_long += 1
                 continue
             pair = []
-            for completion, ids in ((c.chosen, chosen), (c.rejected, rejected)):
-                key = rm_data.content_key(completion)
+            for completion, stopped, ids in ((c.chosen, c.chosen_stopped, chosen), (c.rejected, c.rejected_stopped, rejected)):
+                key = (rm_data.content_key(completion), stopped)
                 if key not in index:
                     index[key] = len(completions)
                     completions.append(ids)

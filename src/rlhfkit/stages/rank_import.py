@@ -230,6 +230,9 @@ def run(config: RankImportConfig) -> dict[str, Any]:
     votes = couple_votes(all_pairs)
     pairs = majority_pairs(votes) if config.aggregate == "majority" else all_pairs
     written = [p for p in pairs if config.tie_pairs or not p.tie]
+    # two completions with the same text teach nothing (train-rm refuses chosen == rejected): dropped and counted
+    same = [p for p in written if index.completion(p.prompt_id, p.chosen).text == index.completion(p.prompt_id, p.rejected).text]
+    written = [p for p in written if p not in same]
 
     # 4. statistics
     agreement = agreement_stats(votes)
@@ -259,6 +262,7 @@ def run(config: RankImportConfig) -> dict[str, Any]:
         "train_prompts": len(prompts) - len(val_prompts),
         "val_prompts": len(val_prompts),
         "ties": sum(p.tie for p in pairs),
+        "identical_dropped": len(same),
         "aggregate": config.aggregate,
         "agreement": agreement,
         "policies": policies,
@@ -273,7 +277,8 @@ def run(config: RankImportConfig) -> dict[str, Any]:
 
     result = {
         k: summary[k]
-        for k in ("format", "records", "skipped", "judgements", "prompts", "pairs", "train_pairs", "val_pairs", "ties")
+        for k in ("format", "records", "skipped", "judgements", "prompts", "pairs", "train_pairs", "val_pairs", "ties",
+                  "identical_dropped")  # fmt: skip
     }
     result.update(out=config.out, val_out=val_out or None, stats=config.stats or None)
     if agreement is not None:
@@ -299,6 +304,7 @@ def print_stats(summary: dict[str, Any], console: Any) -> None:
         ("prompts (train / val)", f"{summary['train_prompts']} / {summary['val_prompts']}"),
         ("pairs (train / val)", f"{summary['train_pairs']} / {summary['val_pairs']}"),
         ("tied couples", summary["ties"]),
+        ("pairs of identical texts dropped", summary["identical_dropped"]),
         ("annotators", len(summary["annotators"])),
     ]
     for name, value in rows:

@@ -59,6 +59,7 @@ from rlhfkit.models import (
     load_model,
     load_tokenizer,
     merged,
+    model_context,
     resolve_device,
     save_adapter,
     save_model_dir,
@@ -68,7 +69,7 @@ from rlhfkit.provenance import RunInfo, to_jsonable
 # options that may change between a run and its --resume (the rest must match)
 RESUME_MAY_CHANGE = (
     "max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "log_every", "device", "eval_batch_size",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "cpu_offload",
 )  # fmt: skip
 
 
@@ -94,7 +95,7 @@ class Data:
 
 def load_data(config: SFTConfig, tokenizer: Any) -> Data:
     """Parse, split off the held-out set, encode (truncation counted), pack the training rows."""
-    demos = records.load(config.data, records.parse_demonstration, skip_invalid=config.skip_invalid)
+    demos = records.load_kind(config.data, "demonstrations", skip_invalid=config.skip_invalid)
     train_idx, val_idx = list(range(len(demos))), []
     if config.val_fraction > 0:
         n_val = max(1, round(len(demos) * config.val_fraction))
@@ -118,7 +119,7 @@ def load_data(config: SFTConfig, tokenizer: Any) -> Data:
     train, train_stats = encode(config.data, [demos[i] for i in train_idx], [demos.lines[i] for i in train_idx], demos.skipped)
     val, val_stats = [], None
     if config.val_data:
-        val_demos = records.load(config.val_data, records.parse_demonstration, skip_invalid=config.skip_invalid)
+        val_demos = records.load_kind(config.val_data, "demonstrations", skip_invalid=config.skip_invalid)
         val, val_stats = encode(config.val_data, val_demos, val_demos.lines, val_demos.skipped)
     elif val_idx:
         val, val_stats = encode(config.data, [demos[i] for i in val_idx], [demos.lines[i] for i in val_idx], 0)
@@ -126,6 +127,16 @@ def load_data(config: SFTConfig, tokenizer: Any) -> Data:
         train = pack(train, config.max_length)
         train_stats.rows = len(train)
     return Data(train, val, train_stats, val_stats)
+
+
+def check_context(examples: list[Example], model: str, max_length: int, trust_remote_code: bool = False) -> None:
+    """Refuse rows longer than the model's context (positions it was never trained for, or has no
+    embedding of), naming ``--max-length``: sft, and ``rlhfkit validate --kind demonstrations --model``."""
+    context = model_context(model, trust_remote_code=trust_remote_code)
+    longest = max((len(e) for e in examples), default=0)
+    if context is not None and longest > context:
+        raise ConfigError(f"--max-length {max_length}: the longest example is {longest} tokens, more than the "
+                          f"context of {model} ({context}); give --max-length {context} or less")  # fmt: skip
 
 
 def _describe(name: str, stats: DataStats, config: SFTConfig) -> str:
@@ -195,7 +206,9 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             console.print(text, highlight=False, soft_wrap=True)  # soft wrap: paths stay whole for grep
 
     resolved = to_jsonable(config)
-    resume_from = training.prepare_run_dir(config.out, config.resume, "sft", resolved, RESUME_MAY_CHANGE, dist)
+    # --batch-size is per process: a sharded checkpoint may continue on another number of processes with the same global batch
+    resume_from = training.prepare_run_dir(config.out, config.resume, "sft", resolved, RESUME_MAY_CHANGE, dist,
+                                           per_process=("batch_size",))  # fmt: skip
     training.barrier(dist)  # every rank has looked at --out before rank 0 writes into it
     info = RunInfo("sft", config, {"model": config.model, "data": config.data, "val_data": config.val_data or None})
     training.seed_everything(config.seed)
@@ -203,6 +216,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     # 1. data (everything validated before the model is loaded)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = load_data(config, tokenizer)
+    check_context([*data.train, *data.val], config.model, config.max_length, config.trust_remote_code)
     say(_describe("train", data.train_stats, config))
     if data.val_stats is not None:
         say(_describe("val", data.val_stats, config))
@@ -225,10 +239,13 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             dropout=config.lora_dropout,
             target_modules=config.lora_target_modules,
         )
-    if config.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    nll_model = TokenNLL(model)
+    probe = min(data.train[:16], key=len)  # a short row: the check costs two forward passes of it
+    if nll_model.selective and not nll_model.check(collate([probe], tokenizer.pad_token_id).to(device)):
+        say("[yellow]the output layer runs on every position (this model post-processes its logits)[/]")
+    # --strategy (DDP, or FSDP in place), --gradient-checkpointing; the optimizer comes after (FSDP's shards)
+    ddp_model = training.wrap_model(nll_model, dist, device, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     schedule = RowSchedule(len(data.train), config, dist)
     total_steps = config.max_steps or config.epochs * schedule.steps_per_epoch
@@ -245,11 +262,6 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             )
         )
         say(f"resuming from {resume_from} (step {state['step']})")
-    nll_model = TokenNLL(model)
-    probe = min(data.train[:16], key=len)  # a short row: the check costs two forward passes of it
-    if nll_model.selective and not nll_model.check(collate([probe], tokenizer.pad_token_id).to(device)):
-        say("[yellow]the output layer runs on every position (this model post-processes its logits)[/]")
-    ddp_model = training.wrap_ddp(nll_model, dist, device)
     resume_step = state["step"] if resume_from is not None else None
     metrics = training.MetricsLog(config.out, dist, resume_step=resume_step, run=info)  # run: --report-to
     last: dict[str, Any] = {}
@@ -264,14 +276,14 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def evaluate() -> dict[str, float]:
-        return evaluate_rows(nll_model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dist, autocast)
+        with training.gathered(nll_model):  # FSDP: ranks' shards of the held-out rows may take different numbers of batches
+            return evaluate_rows(nll_model, data.val, config.eval_batch_size, tokenizer.pad_token_id, device, dist, autocast)
 
     def checkpoint() -> None:
-        if dist.is_main:
-            position = {k: v for k, v in state.items() if k != "step"}
-            training.save_checkpoint(config.out, state["step"], modules={"model": model}, optimizers={"model": optimizer},
-                                     schedulers={"model": scheduler}, state=position | {"config": resolved},
-                                     keep=config.keep_checkpoints)  # fmt: skip
+        position = {k: v for k, v in state.items() if k != "step"}
+        training.save_checkpoint(config.out, state["step"], modules={"model": model}, optimizers={"model": optimizer},
+                                 schedulers={"model": scheduler}, state=position | {"config": resolved},
+                                 keep=config.keep_checkpoints, dist=dist)  # fmt: skip  (rank 0, or every rank's shard)
         training.barrier(dist)
 
     window = {
@@ -296,9 +308,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
             nll, label_tokens, tokens = accumulate_gradients(ddp_model, batches, device=device, dist=dist, autocast=autocast)
             window["nll"] += nll
             # 4. clip, step
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            )
+            grad_norm = training.clip_grad_norm(trainable, config.max_grad_norm)
             training.check_finite(state["step"] + 1, dist, loss=nll, grad_norm=grad_norm)  # before the weights see it
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -352,12 +362,13 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     summary |= {"perf/tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9), "train/steps": state["step"],
                 "train/tokens": state["tokens"], "train/seconds": state["train_seconds"]}  # fmt: skip
     data_report = {"train": data.train_stats.as_dict(), **({"val": data.val_stats.as_dict()} if data.val_stats else {})}
+    final = training.gather_model(model, dist)  # FSDP: the full weights, gathered to rank 0 (every rank takes part)
     if dist.is_main:
         if config.lora and config.save_adapter:
-            save_adapter(model, Path(config.out) / ADAPTER_DIR)
+            save_adapter(final, Path(config.out) / ADAPTER_DIR)
         extra = {"data": data_report, "precision": {"weights": str(weights_dtype).removeprefix("torch."), "bf16_autocast": bf16}}
         save_model_dir(
-            merged(model) if config.lora else model,
+            merged(final) if config.lora else final,
             tokenizer,
             config.out,
             info,
@@ -481,4 +492,4 @@ def evaluate_rows(
     return {"loss/eval": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
 
 
-__all__ = ["run", "load_data", "TokenNLL", "accumulate_gradients", "evaluate_rows", "RowSchedule"]
+__all__ = ["run", "load_data", "check_context", "TokenNLL", "accumulate_gradients", "evaluate_rows", "RowSchedule"]

@@ -75,13 +75,12 @@ import torch.distributed as tdist
 from rlhfkit import chat, models, rm_data, training
 from rlhfkit.config import TrainRMConfig
 from rlhfkit.console import progress_bar
-from rlhfkit.data import records
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses import bradley_terry_loss
 from rlhfkit.probe import bootstrap_weights
 from rlhfkit.provenance import RunInfo
 from rlhfkit.scoring import classifier_parts, last_token_scores
-from rlhfkit.stages import rm_head
+from rlhfkit.stages import preference_data, rm_head
 from rlhfkit.stats import wilson_interval
 
 STAGE = "train-rm"
@@ -90,7 +89,7 @@ TOO_FEW_TO_TELL = 0.3  # a held-out accuracy whose 95% interval is wider than th
 # options that may differ when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = (
     "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every",
-    "keep_checkpoints", "device", "norm_samples", "save_adapter",
+    "keep_checkpoints", "device", "norm_samples", "save_adapter", "gradient_checkpointing", "cpu_offload",
 )  # fmt: skip
 
 
@@ -178,17 +177,12 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
 
     # 1. data: parse, split by prompt, tokenise, group (all before the model is loaded)
     tokenizer = models.load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    train_cmp = records.load(config.data, records.parse_comparison, skip_invalid=config.skip_invalid)
-    skipped = train_cmp.skipped
+    train_cmp, val_cmp, skipped = preference_data.load_comparisons(config.data, config.val_data, config.val_fraction, config.seed,
+                                                                   skip_invalid=config.skip_invalid)  # fmt: skip
     if config.val_data:
-        val_cmp = records.load(config.val_data, records.parse_comparison, skip_invalid=config.skip_invalid)
-        skipped += val_cmp.skipped
-        train_cmp = list(train_cmp)
         overlap = {rm_data.content_key(c.prompt) for c in train_cmp} & {rm_data.content_key(c.prompt) for c in val_cmp}
         if overlap:
             say(f"[yellow]warning:[/] {len(overlap)} prompt(s) of --val-data also occur in --data")
-    else:
-        train_cmp, val_cmp = rm_data.split_by_prompt(list(train_cmp), config.val_fraction, config.seed)
     if config.use_margin and not any(c.margin is not None for c in train_cmp):
         raise DataError(config.data, None, "margin", "--use-margin is set but no comparison has a margin")
     reference = rm_data.load_reference(config.norm_samples, skip_invalid=config.skip_invalid) if config.norm_samples else None
@@ -246,8 +240,8 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         accuracy = f", training-pair accuracy {head_fit['train_accuracy']:.3f}" if head_fit["train_accuracy"] is not None else ""
         say(f"probe: head fitted on frozen features (λ = {head_fit['l2']:g}{accuracy}) in {time.perf_counter() - started:.1f} s")
     trainable = rm_head.freeze_lower_layers(model, config.trainable_layers)
-    if config.trainable_layers >= 0:
-        say(f"training the top {config.trainable_layers} layer(s) and the head: {trainable:,} parameters")
+    if config.trainable_layers > 0:
+        say(f"training the top {config.trainable_layers} layer(s), the final norm and the head: {trainable:,} parameters")
     if config.lora:
         model = models.apply_lora(
             model,
@@ -258,18 +252,19 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
             kind="reward",
         )
     model.train()
-    scorer = training.wrap_ddp(RewardScorer(model), dist, device)
+    if config.early_stopping and config.strategy == "fsdp" and dist.enabled:
+        raise ConfigError("--early-stopping: not with --strategy fsdp on several processes yet (use --strategy ddp)")
+    scorer = training.wrap_model(RewardScorer(model), dist, device, config)  # --strategy, --gradient-checkpointing
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    # 4. schedule: micro-batches per epoch are the same on every rank (see `_epoch_batches`); without
-    # --epochs, as many epochs as --min-steps optimizer steps need (a few hundred pairs are a handful of steps)
-    micro_per_epoch = math.ceil(math.ceil(len(train) / dist.world_size) / config.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    # 4. schedule: micro-batches per epoch are the same on every rank (see `preference_data.epoch_batches`);
+    # without --epochs, as many epochs as --min-steps optimizer steps need (a few hundred pairs are a handful of steps)
+    steps_per_epoch = preference_data.steps_per_epoch(len(train), dist, config.batch_size, config.grad_accum)
     epochs = config.epochs or math.ceil(config.min_steps / steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    if config.epochs is None and epochs > 1:
+    if config.epochs is None and epochs > 1 and config.trainable_layers != 0:
         say(f"{steps_per_epoch} optimizer step(s) per epoch: {epochs} epochs for at least --min-steps {config.min_steps}")
     eval_every = config.eval_every or (max(1, steps_per_epoch // 2) if config.early_stopping else 0)
     if config.trainable_layers == 0:  # the probe alone: there is nothing left to train
@@ -297,20 +292,20 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     )  # run: --report-to
 
     def checkpoint(at: int) -> None:
-        if dist.is_main:
-            training.save_checkpoint(
-                out, at, modules={"model": model}, optimizers={"model": optimizer}, schedulers=schedulers,
-                state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha,
-                       "best": best},
-                keep=config.keep_checkpoints,
-            )  # fmt: skip
+        training.save_checkpoint(  # rank 0 writes (DDP), or every rank its shard (FSDP)
+            out, at, modules={"model": model}, optimizers={"model": optimizer}, schedulers=schedulers,
+            state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha,
+                   "best": best},
+            keep=config.keep_checkpoints, dist=dist,
+        )  # fmt: skip
         training.barrier(dist)
 
     def held_out(at: int) -> dict[str, float]:
         if not val:
             return {}
-        result = evaluate(model, val, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
-                          device=device, autocast=autocast, use_margin=config.use_margin, dist=dist)  # fmt: skip
+        with training.gathered(model):  # FSDP: uneven shards of the held-out set take different numbers of batches
+            result = evaluate(model, val, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
+                              device=device, autocast=autocast, use_margin=config.use_margin, dist=dist)  # fmt: skip
         logged = {k: v for k, v in metrics_log.log(at, result).items() if k != "step"}
         if config.early_stopping:
             if best["loss"] is None or logged["loss/eval"] < best["loss"]:
@@ -335,7 +330,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
             if epoch not in orders:
-                orders = {epoch: _epoch_batches(len(train), dist, config.batch_size, config.seed, epoch)}
+                orders = {epoch: preference_data.epoch_batches(len(train), dist, config.batch_size, config.seed, epoch)}
             micro = orders[epoch][index * config.grad_accum : (index + 1) * config.grad_accum]
             started = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
@@ -354,35 +349,15 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
                     sums[k] = sums.get(k, 0) + v / len(micro)
                 pairs_done += sum(e.num_pairs for e in elements)  # counted on the host: no device sync
                 tokens_done += sum(e.num_tokens for e in elements)
-            if scaler:
-                scaler.unscale_(optimizer)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-            )
-            # before the weights see it (float16's scaler skips steps with an infinite gradient itself)
-            finite_norm = None if scaler else grad_norm
-            training.check_finite(step + 1, dist, reward=sums["reward_mean"], loss=sums["loss"], grad_norm=finite_norm)
-            lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # so that the throughput counts finished work
+            grad_norm, lr = training.optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm,
+                                                    step=step + 1, dist=dist, device=device,
+                                                    reward=sums["reward_mean"], loss=sums["loss"])  # fmt: skip
             train_seconds += time.perf_counter() - started
             step += 1
             window.append({**sums, "grad_norm": grad_norm.detach()})
 
             if step % config.log_every == 0 or step == total_steps:
-                mean = {k: torch.stack([w[k] for w in window]).mean().float() for k in window[0]}
-                mean["pairs"] = torch.tensor(float(pairs_done), device=device)
-                mean["tokens"] = torch.tensor(float(tokens_done), device=device)
-                packed = training.all_reduce_mean(torch.stack(list(mean.values())), dist)  # one collective for all
-                mean = dict(zip(mean, packed.unbind(0), strict=True))
+                mean = training.window_means(window, dist, device, pairs=pairs_done, tokens=tokens_done)
                 # ranks step in lockstep: every rank's count over this rank's time is the global rate
                 pairs_per_s = mean["pairs"] * dist.world_size / max(train_seconds, 1e-9)
                 last = metrics_log.log(step, {
@@ -404,10 +379,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
                     f"{last['perf/pairs_per_s']:.1f} pairs/s",
                 )
             bar.update(advance=1)
-            if eval_every and step % eval_every == 0 and step < total_steps:
-                held_out(step)
-            if config.save_every and step % config.save_every == 0:
-                checkpoint(step)
+            if training.periodic(step, total_steps, eval_every, config.save_every, held_out, checkpoint):
                 saved_at = step
             if config.patience and best["stale"] >= config.patience:
                 say(f"early stop at step {step}: no better held-out loss in {config.patience} evaluations")
@@ -424,15 +396,16 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         say(f"early stopping: kept the weights of step {best['step']} (held-out loss {best['loss']:.4f})")
     if evaluation:
         evaluation.update(accuracy_interval(evaluation))
-    norm = reward_normalization(
-        model,
-        norm_sequences,
-        batch_size=config.eval_batch_size,
-        pad_token_id=tokenizer.pad_token_id,
-        device=device,
-        autocast=autocast,
-        dist=dist,
-    )
+    with training.gathered(model):
+        norm = reward_normalization(
+            model,
+            norm_sequences,
+            batch_size=config.eval_batch_size,
+            pad_token_id=tokenizer.pad_token_id,
+            device=device,
+            autocast=autocast,
+            dist=dist,
+        )
     norm["source"] = config.norm_samples or "train"
     if norm_too_long:
         norm["skipped_too_long"] = norm_too_long
@@ -456,16 +429,18 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         "train_pairs": train_stats.pairs,
         "val_pairs": val_stats.pairs,
     }
+    saved = training.gather_model(training.unwrap(model), dist)  # FSDP: the full weights on rank 0 (every rank takes part)
     if dist.is_main:
-        final = models.merged(model) if config.lora else training.unwrap(model)
+        final = models.merged(saved) if config.lora else saved
         final.config.pad_token_id = export_pad_token_id(tokenizer, final.config)
         ensemble = None
         if config.ensemble > 1:  # members' gain/bias -> one mean head; the members beside it
-            ensemble, norm["bias"] = rm_head.single_head(final, torch.tensor(norm.pop("member_gain")), torch.tensor(norm.pop("member_bias")))
+            gains, biases = torch.tensor(norm.pop("member_gain")), torch.tensor(norm.pop("member_bias"))
+            ensemble, norm["bias"] = rm_head.single_head(final, gains, biases)
             norm.update(gain=1.0, members=config.ensemble)
         keep = models.RUN_FILES
         if config.save_adapter:
-            models.save_adapter(model, out / models.ADAPTER_DIR)
+            models.save_adapter(saved, out / models.ADAPTER_DIR)
             keep = (*keep, models.ADAPTER_DIR)
         models.save_model_dir(final, tokenizer, out, info, summary, extra={"reward": norm}, keep=keep,
                               write_extra=None if ensemble is None else ensemble.save)  # fmt: skip
@@ -482,21 +457,6 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         "metrics": summary,
         "reward": norm,
     }
-
-
-def _epoch_batches(n: int, dist: training.Dist, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's micro-batches (element indices) for one epoch.
-
-    The order is a function of (seed, epoch) only. Under torchrun it is padded by wrapping around
-    to a multiple of the world size (as torch's DistributedSampler does), so every rank runs the
-    same number of micro-batches and no rank waits on a collective that never comes.
-    """
-    order = training.epoch_order(n, seed, epoch)
-    if dist.enabled and n % dist.world_size:
-        target = math.ceil(n / dist.world_size) * dist.world_size
-        order = (order * math.ceil(target / n))[:target]
-    mine = training.shard(order, dist)
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 # --- evaluation and normalisation --------------------------------------------------------------------
