@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, kill_at_checkpoint, measured_metrics, rlhfkit_command, subprocess_env, wait_all, write_jsonl
+from conftest import assert_same_weights, measured_metrics, sigkill_and_resume, stop_and_resume, subprocess_env, write_jsonl
 from preference_rows import comparisons
 from rlhfkit import rm_data
 from rlhfkit.data import records
 from rlhfkit.stages import preference_data
-from rlhfkit.training import read_metrics
+from rlhfkit.training import Dist, read_metrics
 
 
 @pytest.fixture()
@@ -66,6 +65,16 @@ def test_collate_lays_out_prompt_and_completion_like_generation():
     batch = preference_data.collate([((5, 6), (7,)), ((9,), (3, 4))], pad_token_id=0)
     assert batch.query.tolist() == [[5, 6], [0, 9]] and batch.query_mask.tolist() == [[1, 1], [0, 1]]
     assert batch.response.tolist() == [[7, 0], [3, 4]] and batch.response_mask.tolist() == [[1, 0], [1, 1]]
+
+
+def test_step_batches_worked_example():
+    """5 elements, one process, batch size 2, grad-accum 2: 2 steps an epoch (2 micro-batches, then 1)."""
+    batches = preference_data.StepBatches(5, Dist(), batch_size=2, grad_accum=2, seed=3)
+    assert batches.steps_per_epoch == 2
+    epoch0 = preference_data.epoch_batches(5, Dist(), 2, seed=3, epoch=0)
+    assert batches(0) == epoch0[:2] and batches(1) == epoch0[2:] and len(batches(1)[0]) == 1
+    assert batches(2) == preference_data.epoch_batches(5, Dist(), 2, seed=3, epoch=1)[:2] != epoch0[:2]
+    assert batches(1) == epoch0[2:]  # a function of the step alone: going back to an earlier epoch is the same
 
 
 # --- end to end ---------------------------------------------------------------------------------------
@@ -141,41 +150,23 @@ def test_lora_reference_is_the_adapter_switched_off(cli, tiny_llama_dir, data, t
 
 
 def test_resume_from_a_checkpoint_continues_exactly_and_reuses_the_cached_reference(cli, tiny_llama_dir, data, tmp_path):
-    args = ["--policy", tiny_llama_dir, "--data", data, "--lr", "1e-3", "--batch-size", "2", "--max-steps", "6",
-            "--save-every", "3", "--keep-checkpoints", "0", "--val-fraction", "0.2", "--eval-every", "2"]  # fmt: skip
-    run, full = tmp_path / "run", tmp_path / "full"
-    dpo(cli, *args, "--out", run)
-    shutil.copytree(run, full)
-    for path in run.iterdir():  # back to just after the step-3 checkpoint (later metrics lines stay: resume drops them)
-        if path.name not in ("checkpoints", "metrics.jsonl"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(run / "checkpoints" / "step-000006")
-    result = cli("dpo", *args, "--out", run, "--resume", "--device", "cpu")
-    assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["resumed_from"] == 3 and "reference log-probs read from" in result.stderr
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(run / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
+    args = ["dpo", "--policy", tiny_llama_dir, "--data", data, "--lr", "1e-3", "--batch-size", "2", "--max-steps", "6",
+            "--save-every", "3", "--keep-checkpoints", "0", "--val-fraction", "0.2", "--eval-every", "2",
+            "--device", "cpu"]  # fmt: skip
+    full, run, resumed = stop_and_resume(cli, args, tmp_path, step=3)  # later metrics lines stay: resume drops them
+    assert json.loads(resumed.stdout)["resumed_from"] == 3 and "reference log-probs read from" in resumed.stderr
+    assert_same_weights(full, run)
     assert measured_metrics(run) == measured_metrics(full)
 
 
 @pytest.mark.slow  # two subprocesses
 def test_sigkill_and_resume(tiny_llama_dir, data, tmp_path):
-    def start(out: Path, *extra: str) -> subprocess.Popen:
-        args = rlhfkit_command("dpo", "--policy", tiny_llama_dir, "--data", data, "--out", out, "--lr", "1e-3",
-                               "--batch-size", "1", "--epochs", "3", "--save-every", "2", "--val-fraction", "0.2",
-                               "--device", "cpu", *extra)  # fmt: skip
-        return subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-
-    full, killed_out = start(tmp_path / "full"), tmp_path / "killed"
-    killed = start(killed_out)
-    kill_at_checkpoint(killed, killed_out, 4)
-    wait_all(full, start(killed_out, "--resume"))
-    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(killed_out / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k])
-    assert [r["loss/eval"] for r in read_metrics(killed_out) if "loss/eval" in r] == pytest.approx(
-        [r["loss/eval"] for r in read_metrics(tmp_path / "full") if "loss/eval" in r]
+    args = ["dpo", "--policy", tiny_llama_dir, "--data", data, "--lr", "1e-3", "--batch-size", "1", "--epochs", "3",
+            "--save-every", "2", "--val-fraction", "0.2", "--device", "cpu"]  # fmt: skip
+    full, killed = sigkill_and_resume(tmp_path, args, step=4)
+    assert_same_weights(full, killed, exact=False)
+    assert [r["loss/eval"] for r in read_metrics(killed) if "loss/eval" in r] == pytest.approx(
+        [r["loss/eval"] for r in read_metrics(full) if "loss/eval" in r]
     )
 
 

@@ -267,7 +267,7 @@ def test_lora_keeps_the_reference_frozen_and_trains_only_adapters(tiny_llama_dir
 
 def test_generation_in_several_calls_gives_the_same_rollouts(tiny_llama_dir, prompts_file, tmp_path):
     """Each rollout samples from its own seed: --generation-batch-size changes memory, not samples."""
-    config = make_config(tiny_llama_dir, prompts_file, tmp_path / "out", stop=["x"])
+    config = make_config(tiny_llama_dir, prompts_file, tmp_path / "out", stop=["n"])  # half the rows stop at it
     models, _, items = setup(config)
     batch_items, seeds = batch(items, config)
     whole = ppo.generate(models, batch_items, seeds, config)
@@ -437,3 +437,15 @@ def test_an_existing_run_is_not_overwritten_without_resume(cli, tiny_llama_dir, 
     (out / "metrics.jsonl").write_text("")
     result = cli("ppo", "--policy", tiny_llama_dir, "--rm", E_COUNT, "--prompts", prompts_file, "--out", out)
     assert result.exit_code == 1 and "holds an earlier run (pass --resume" in result.stderr
+
+
+def test_ending_warning_worked_examples():
+    from rlhfkit.stages.ppo import ending_warning
+
+    config = PPOConfig(policy="p", rm="r", prompts="x", out="o", max_new_tokens=96)
+    assert "only 30% of the completions end" in ending_warning(0.70, 0.30, 4, config)
+    assert "--max-new-tokens 96" in ending_warning(0.70, 0.30, 4, config)
+    assert ending_warning(0.70, 0.40, 4, config) is None  # above half of the first step's share
+    assert ending_warning(0.90, 0.50, 4, config) is None  # not below 0.5
+    penalised = PPOConfig(policy="p", rm="r", prompts="x", out="o", missing_eos_penalty=-1.0)
+    assert ending_warning(0.20, 0.05, 4, penalised) is None

@@ -160,4 +160,11 @@ def test_head_option_errors(cli, tmp_path, tiny_llama_dir, args, message):
     assert not (tmp_path / "rm").exists()
 
 
+def test_an_unknown_pooling_is_a_usage_error(cli, tmp_path, tiny_llama_dir):
+    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(4))
+    result = cli("train-rm", "--model", tiny_llama_dir, "--data", data, "--out", tmp_path / "rm", "--pooling", "mean")
+    assert result.exit_code == 2 and "--pooling" in result.stderr and "last+mean" in result.stderr
+    assert not (tmp_path / "rm").exists()
+
+
 assert WORD  # the synthetic preference of test_train_rm

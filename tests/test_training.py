@@ -104,3 +104,40 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     training.MetricsLog(tmp_path, resume_step=2)
     assert [r["step"] for r in training.read_metrics(tmp_path)] == [1, 2]
     assert training.read_metrics(tmp_path)[1]["loss/train"] == 2.0
+
+
+def test_last_metrics_is_the_newest_line_with_the_key(tmp_path):
+    log = training.MetricsLog(tmp_path)
+    log.log(0, {"loss/eval": torch.tensor(0.7)})
+    log.log(2, {"loss/train": torch.tensor(0.5)})
+    log.log(4, {"loss/train": torch.tensor(0.25)})
+    log.log(4, {"loss/eval": torch.tensor(0.3)})
+    assert training.last_metrics(tmp_path)["loss/train"] == 0.25 and training.last_metrics(tmp_path)["step"] == 4
+    assert training.last_metrics(tmp_path, "loss/eval")["loss/eval"] == pytest.approx(0.3)
+    assert training.last_metrics(tmp_path / "nothing") == {}
+
+
+def test_step_metrics_worked_example():
+    """The docstring's example: step 3 of 2 an epoch, 2 ranks that have each done 12 pairs in 4 s."""
+    mean = {"grad_norm": torch.tensor(0.5), "pairs": torch.tensor(12.0), "tokens": torch.tensor(100.0)}
+    got = training.step_metrics(mean, 1e-3, 3, 2, 4.0, training.Dist(rank=0, world_size=2), unit="pairs")
+    assert list(got) == ["train/lr", "train/grad_norm", "train/epoch", "perf/pairs_per_s", "perf/tokens_per_s"]
+    assert got["train/epoch"] == 1.5 and float(got["perf/pairs_per_s"]) == 6.0 and float(got["perf/tokens_per_s"]) == 50.0
+
+
+def test_periodic_evaluates_on_the_way_and_saves_every_n_and_at_the_last_step():
+    evaluated, saved = [], []
+    for step in range(1, 8):
+        training.periodic(step, 7, eval_every=2, save_every=3, held_out=evaluated.append, checkpoint=saved.append)
+    assert evaluated == [2, 4, 6] and saved == [3, 6, 7]  # the last step's evaluation follows the loop
+    saved.clear()
+    assert [training.periodic(s, 3, 0, 0, evaluated.append, saved.append) for s in (1, 2, 3)] == [False, False, True]
+    assert saved == [3]
+
+
+def test_check_same_data_refuses_a_checkpoint_of_other_data(tmp_path):
+    training.check_same_data({"data_sha256": "aa"}, "cmp.jsonl", "aa", tmp_path)
+    training.check_same_data({}, "cmp.jsonl", "aa", tmp_path)  # an older checkpoint without the digest
+    training.check_same_data({"data_sha256": "aa"}, "-", None, tmp_path)  # stdin: nothing to compare
+    with pytest.raises(ConfigError, match="--resume: cmp.jsonl changed since"):
+        training.check_same_data({"data_sha256": "aa"}, "cmp.jsonl", "bb", tmp_path)

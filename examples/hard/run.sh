@@ -18,9 +18,9 @@ DATA=${DATA:-$HERE/data}
 RLHFKIT=${RLHFKIT:-rlhfkit}
 PYTHON=${PYTHON:-python3}
 SEED=${SEED:-0}
-# chat: one-turn conversations ({"messages": ...}); plain: the same prompts as strings ({"prompt": ...}),
-# which need rlhfkit to apply the model's chat template to string prompts (issue 18)
-PROMPT_FORMAT=${PROMPT_FORMAT:-chat}
+# plain: the prompts as strings ({"prompt": ...}), rendered with the model's chat template by
+# --chat-template auto (the default); chat: the same prompts as one-turn conversations ({"messages": ...})
+PROMPT_FORMAT=${PROMPT_FORMAT:-plain}
 case "$PROMPT_FORMAT" in chat) EXT=.chat.jsonl ;; plain) EXT=.jsonl ;; *) echo "PROMPT_FORMAT: chat or plain" >&2; exit 1 ;; esac
 TRAIN_PROMPTS=$DATA/train_prompts$EXT
 TEST_PROMPTS=$DATA/test_prompts$EXT
@@ -28,16 +28,15 @@ TEST_PROMPTS=$DATA/test_prompts$EXT
 K=${K:-4}
 TOKENS=${TOKENS:-96}           # max new tokens everywhere (collect, ppo, eval)
 TEMPERATURE=${TEMPERATURE:-0.7}  # sampling temperature everywhere (at 1.0 SmolLM2-135M mostly writes nonsense)
-RM_EPOCHS=${RM_EPOCHS:-2}
-RM_LR=${RM_LR:-5e-5}
-RM_BATCH=${RM_BATCH:-8}
-RM_EXTRA=${RM_EXTRA:-}
-PPO_STEPS=${PPO_STEPS:-20}
+# the reward model: a probe on frozen last-token + completion-mean features (README table: what each choice bought)
+RM_OPTIONS=${RM_OPTIONS:---pooling last+mean --trainable-layers 0}
+PPO_STEPS=${PPO_STEPS:-12}
 PPO_BATCH=${PPO_BATCH:-16}
 PPO_LR=${PPO_LR:-1e-5}
 PPO_KL=${PPO_KL:-0.05}
-PPO_EOS_PENALTY=${PPO_EOS_PENALTY:--1.0}
+PPO_EOS_PENALTY=${PPO_EOS_PENALTY--1.0}  # the score of an answer cut off at TOKENS; PPO_EOS_PENALTY= for none
 PPO_EXTRA=${PPO_EXTRA:---value-head policy --ppo-epochs 2}
+JUDGE_EVERY=${JUDGE_EVERY:-3}    # ppo's judge monitor on the test prompts: the annotator's win-rate over the base model vs KL
 EVAL_SAMPLES=${EVAL_SAMPLES:-2}
 EVAL_BATCH=${EVAL_BATCH:-48}
 BEST_OF=${BEST_OF:-4}
@@ -69,8 +68,7 @@ $RLHFKIT rank-import "$RUN/rankings.jsonl" --samples "$RUN/samples.jsonl" --out 
 stage "train-rm: Bradley-Terry reward model from the base model"
 # shellcheck disable=SC2086
 [ -f "$RUN/train_rm.json" ] || $RLHFKIT train-rm --model "$RUN/base" --data "$RUN/comparisons.jsonl" --out "$RUN/rm" \
-  --epochs "$RM_EPOCHS" --lr "$RM_LR" --batch-size "$RM_BATCH" --seed "$SEED" --norm-samples "$RUN/samples.jsonl" \
-  $RM_EXTRA > "$RUN/train_rm.json"
+  --seed "$SEED" --norm-samples "$RUN/samples.jsonl" $RM_OPTIONS > "$RUN/train_rm.json"
 
 stage "RM vs annotator on unseen topics: $K base-model answers per test prompt"
 [ -f "$RUN/test_collect.json" ] || $RLHFKIT collect --policy "base=$RUN/base" --prompts "$TEST_PROMPTS" --k "$K" \
@@ -82,13 +80,14 @@ stage "ppo: against the reward model, KL to the base model"
 # shellcheck disable=SC2086
 [ -f "$RUN/ppo.json" ] || $RLHFKIT ppo --policy "$RUN/base" --rm "$RUN/rm" --prompts "$TRAIN_PROMPTS" --out "$RUN/ppo" \
   --steps "$PPO_STEPS" --batch-size "$PPO_BATCH" --max-new-tokens "$TOKENS" --temperature "$TEMPERATURE" --lr "$PPO_LR" \
-  --kl-coef "$PPO_KL" --missing-eos-penalty "$PPO_EOS_PENALTY" --seed "$SEED" --save-every 5 --keep-checkpoints 0 \
-  --sample-every 5 $PPO_EXTRA > "$RUN/ppo.json"
+  --kl-coef "$PPO_KL" ${PPO_EOS_PENALTY:+--missing-eos-penalty "$PPO_EOS_PENALTY"} --seed "$SEED" --save-every 3 --keep-checkpoints 1 \
+  --sample-every 3 --judge "$JUDGE" --judge-every "$JUDGE_EVERY" --judge-prompts "$TEST_PROMPTS" --judge-samples 48 \
+  --no-keep-best $PPO_EXTRA > "$RUN/ppo.json"
 
 stage "eval: PPO vs base on the test prompts, judged by the annotator; best-of-$BEST_OF by the same RM"
 [ -f "$RUN/eval.json" ] || $RLHFKIT eval --policy "ppo=$RUN/ppo" --baseline "base=$RUN/base" --rm "$RUN/rm" --judge "$JUDGE" \
   --prompts "$TEST_PROMPTS" --n-samples "$EVAL_SAMPLES" --batch-size "$EVAL_BATCH" --best-of "$BEST_OF" --max-new-tokens "$TOKENS" \
-  --temperature "$TEMPERATURE" --seed "$SEED" --checkpoints "$RUN/ppo" --out "$RUN/eval" > "$RUN/eval.json"
+  --temperature "$TEMPERATURE" --seed "$SEED" --out "$RUN/eval" > "$RUN/eval.json"
 
 stage "done"
 mv "$RUN/times.tsv.tmp" "$RUN/times.tsv"

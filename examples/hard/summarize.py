@@ -5,7 +5,9 @@
   to the TEST prompts (topics never ranked for training), with its 95% interval;
 - the PPO policy's win-rate over the base model judged by the annotator, with its 95% interval,
   at the KL it reached;
-- best-of-n from the base model by the same reward model, at its analytic KL, for comparison;
+- best-of-n from the base model by the same reward model, at its analytic KL, and PPO at the
+  same KL: ppo's judge monitor (``--judge-every``) measured the annotator's win-rate over the base
+  model on the test prompts as PPO went, so the PPO curve is read at best-of-n's KL;
 - the seconds each stage took.
 
 Usage: python examples/hard/summarize.py RUN [SECONDS]
@@ -24,6 +26,15 @@ def rate(w):
 
 def mean(stat):
     return "n/a" if not stat else f"{stat['mean']:.2f}"
+
+
+def ppo_judge_curve(metrics: Path) -> list[tuple[int, float, dict]]:
+    """(step, KL, judge row) of every judged PPO step; the KL is the step's objective/kl."""
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    kl = {r["step"]: r["objective/kl"] for r in rows if "objective/kl" in r}
+    return [(r["step"], kl[r["step"]], r) for r in rows if "judge/win_rate" in r and r["step"] in kl]
 
 
 def main() -> None:
@@ -51,6 +62,19 @@ def main() -> None:
         judged = (best.get("win_rate") or {}).get("judge")
         print(f"  best-of-{best['n']} by the same RM vs {base['name']}: win-rate {rate(judged)}")
         print(f"      KL to {base['name']} {best['kl_analytic']:.2f} nats (analytic, log n - (n-1)/n)")
+
+    curve = ppo_judge_curve(run / "ppo" / "metrics.jsonl")
+    if curve:
+        print("\nppo's judge monitor (test prompts, 1 answer each, vs the base model):")
+        for step, kl, w in curve:
+            print(f"  step {step:>3}: KL {kl:5.2f} nats (training prompts), win-rate {w['judge/win_rate']:.1%} "
+                  f"[{w['judge/win_rate_low']:.1%}, {w['judge/win_rate_high']:.1%}]")
+        if best:
+            kl = best["kl_analytic"]
+            nearest = min(curve, key=lambda c: abs(c[1] - kl))
+            print(f"  at best-of-{best['n']}'s KL ({kl:.2f} nats) the nearest judged PPO step is {nearest[0]} "
+                  f"(KL {nearest[1]:.2f}): win-rate {nearest[2]['judge/win_rate']:.1%} against best-of-{best['n']}'s "
+                  f"{((best.get('win_rate') or {}).get('judge') or {}).get('rate', float('nan')):.1%}")
 
     times = run / "times.tsv"
     if times.is_file():

@@ -33,6 +33,7 @@ KLEstimator = Literal["k1", "k2", "k3"]  # Schulman's estimators of KL(π‖π_r
 Interval = Literal["wilson", "bootstrap"]  # eval's win-rate interval
 RankingsFormat = Literal["auto", "native", "scores", "best-of-k", "pairwise", "label-studio", "argilla", "csv"]
 Aggregate = Literal["none", "majority"]  # rank-import: every annotator's pairs, or one by vote
+Pooling = Literal["last", "last+mean"]  # what a reward model's head reads (`scoring.pooled_hidden`)
 HeadInit = Literal["probe", "random"]  # train-rm's score head: fitted on frozen features first (LP-FT), or random
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]  # --report-to: experiment trackers (rlhfkit.tracking)
 Algo = Literal["ppo", "a2c", "rloo", "grpo"]  # rlhfkit ppo --algo: the advantage estimator and the loss
@@ -430,6 +431,7 @@ class TrainRMConfig(TrainConfig):
     batch_size: int = 8  # batch elements per micro-batch and device: groups (rankings), or pairs without 'group'
     grad_accum: int = 1
     lr: float = 1e-5
+    pooling: Pooling = "last"  # the head reads the last token's hidden state, or also the completion's mean one
     head_init: HeadInit = "probe"  # fit the head on frozen features before fine-tuning (Kumar et al. 2022)
     probe_l2: float | None = None  # the probe's L2 penalty on standardised features (None = chosen by 5-fold CV)
     head_lr: float | None = None  # the score head's own learning rate (None = --lr)
@@ -462,6 +464,7 @@ class TrainRMConfig(TrainConfig):
         self.at_least(2, "max_length")
         self.one_of("schedule", Schedule)
         self.one_of("head_init", HeadInit)
+        self.one_of("pooling", Pooling)
         self.at_least(-1, "trainable_layers")
         if self.trainable_layers >= 0 and self.lora:
             raise ConfigError("--trainable-layers: not with --lora (LoRA already chooses what trains)")
@@ -497,7 +500,7 @@ class SFTConfig(TrainConfig):
     packing: bool = False  # pack short examples into rows of --max-length tokens
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 = no clipping
-    bf16: bool | None = None  # bfloat16 autocast; None = on with --dtype auto on a GPU that supports it
+    bf16: bool | None = None  # bfloat16 autocast; None = on with --dtype auto where models.auto_dtype is bf16
     eval_every: int = 0  # held-out evaluation every N optimizer steps (0 = before and after training only)
     eval_batch_size: int = 16
     log_every: int = 10  # optimizer steps per metrics.jsonl line

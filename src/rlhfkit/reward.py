@@ -120,10 +120,9 @@ class ModelReward(Reward):
     def raw_scores(
         self, prompts, completions, query=None, query_mask=None, response=None, response_mask=None, stopped=None
     ) -> torch.Tensor:
-        from rlhfkit.scoring import classifier_parts
+        from rlhfkit.scoring import head_scores
 
-        _, head = classifier_parts(self.model)
-        return head(self._hidden(prompts, completions, query, query_mask, response, response_mask, stopped)).squeeze(-1).float()
+        return head_scores(self.model, self._hidden(prompts, completions, query, query_mask, response, response_mask, stopped))
 
     @torch.no_grad()
     def member_scores(
@@ -134,33 +133,35 @@ class ModelReward(Reward):
         return self.ensemble.scores(self._hidden(prompts, completions, query, query_mask, response, response_mask, stopped))
 
     def _hidden(self, prompts, completions, query, query_mask, response, response_mask, stopped) -> torch.Tensor:
-        """(B, H) last-token hidden states of prompt + completion, in chunks of ``batch_size``."""
+        """(B, H) pooled hidden states of prompt + completion (`scoring.pooled_hidden`: (B, 2H) for a
+        ``last+mean`` model), in chunks of ``batch_size``."""
         from rlhfkit.generation import join, right_pad
-        from rlhfkit.scoring import last_token_hidden
+        from rlhfkit.scoring import mean_head, pooled_hidden
 
         if self.same_vocab and query is not None and response is not None:
             ids, mask = (x.to(self.device) for x in join(query, query_mask, response, response_mask))  # (B, P+T)
+            starts = torch.full((ids.size(0),), query.size(1), device=self.device)  # the response follows the query
         else:
             stops = [True] * len(prompts) if stopped is None else [bool(s) for s in stopped]
-            seqs = [
-                encode_prompt(self.tokenizer, p, self.chat_template) + encode_completion(self.tokenizer, c, stopped=s)
-                for p, c, s in zip(prompts, completions, stops)
-            ]
+            heads = [encode_prompt(self.tokenizer, p, self.chat_template) for p in prompts]
+            seqs = [h + encode_completion(self.tokenizer, c, stopped=s) for h, c, s in zip(heads, completions, stops)]
             ids, mask = right_pad(seqs, self.tokenizer.pad_token_id, self.device)
+            starts = torch.tensor([len(h) for h in heads], device=self.device)
         out = []
         for start in range(0, ids.size(0), self.batch_size):
-            chunk_ids, chunk_mask = _trim_columns(ids[start : start + self.batch_size], mask[start : start + self.batch_size])
-            out.append(last_token_hidden(self.model, chunk_ids, chunk_mask))
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size, device=self.device)
+            rows = slice(start, start + self.batch_size)
+            first, last = _used_columns(mask[rows])
+            out.append(pooled_hidden(self.model, ids[rows, first:last], mask[rows, first:last], starts[rows] - first))
+        width = self.model.config.hidden_size * (1 if mean_head(self.model) is None else 2)
+        return torch.cat(out) if out else torch.zeros(0, width, device=self.device)
 
 
-def _trim_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns that hold no real token in any row (left and right padding of a chunk)."""
+def _used_columns(mask: torch.Tensor) -> tuple[int, int]:
+    """[first, last) columns that hold a real token in some row: a chunk without its shared padding."""
     used = (mask != 0).any(0).nonzero().flatten()
     if used.numel() == 0:
-        return ids, mask
-    first, last = int(used[0]), int(used[-1])
-    return ids[:, first : last + 1], mask[:, first : last + 1]
+        return 0, mask.size(1)
+    return int(used[0]), int(used[-1]) + 1
 
 
 def _same_vocab(a: Any, b: Any) -> bool:
@@ -173,7 +174,7 @@ def _load_model_reward(
 ) -> ModelReward:
     from rlhfkit import models
     from rlhfkit.provenance import read_run_info
-    from rlhfkit.scoring import normalization, read_ensemble
+    from rlhfkit.scoring import load_mean_head, normalization, read_ensemble
 
     model = models.load_model(spec, kind="reward", dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     architectures = getattr(model.config, "architectures", None) or []
@@ -184,6 +185,8 @@ def _load_model_reward(
         )
     if int(getattr(model.config, "num_labels", 1)) != 1:
         raise RlhfkitError(f"{spec}: a reward model has one label, this classifier has {model.config.num_labels}")
+    if Path(spec).is_dir():
+        load_mean_head(model, spec)  # a last+mean reward model (train-rm --pooling)
     models.disable_dropout(model)
     model.eval().requires_grad_(False)
     try:

@@ -73,6 +73,10 @@ class Encoder:
     def __call__(self, prompt: Conversation, completion: Conversation, *, stopped: bool = True) -> tuple[int, ...]:
         return self.prompt(prompt) + tuple(chat.encode_completion(self.tokenizer, completion, stopped=stopped))
 
+    def start(self, prompt: Conversation) -> int:
+        """Where the completion begins in ``self(prompt, ...)``: the prompt's length in tokens."""
+        return len(self.prompt(prompt))
+
 
 # --- batch elements -------------------------------------------------------------------------------
 
@@ -91,6 +95,7 @@ class Element:
     margins: tuple[float, ...]  # per pair; 0.0 where the comparison had no margin
     group: str | None = None
     ties: tuple[bool, ...] = ()  # per pair: judged equal (a margin of exactly 0); () = none
+    starts: tuple[int, ...] = ()  # per sequence: index of its completion's first token; () = unknown
 
     @property
     def num_pairs(self) -> int:
@@ -136,6 +141,7 @@ def build_elements(comparisons: Iterable[Comparison], encode: Encoder, max_lengt
     for group, members in order:
         index: dict[tuple[int, ...], int] = {}  # prompt + completion ids -> row in `sequences`
         sequences: list[tuple[int, ...]] = []
+        starts: list[int] = []
         winners, losers, margins, ties = [], [], [], []
         for c in members:
             chosen = encode(c.prompt, c.chosen, stopped=c.chosen_stopped)
@@ -147,6 +153,7 @@ def build_elements(comparisons: Iterable[Comparison], encode: Encoder, max_lengt
                 if ids not in index:
                     index[ids] = len(sequences)
                     sequences.append(ids)
+                    starts.append(encode.start(c.prompt))
             winners.append(index[chosen])
             losers.append(index[rejected])
             margins.append(c.margin if c.margin is not None else 0.0)
@@ -154,8 +161,9 @@ def build_elements(comparisons: Iterable[Comparison], encode: Encoder, max_lengt
         if not winners:
             continue
         elements.append(
-            Element(tuple(sequences), tuple(winners), tuple(losers), tuple(margins), group, tuple(ties) if any(ties) else ())
-        )
+            Element(tuple(sequences), tuple(winners), tuple(losers), tuple(margins), group,
+                    tuple(ties) if any(ties) else (), tuple(starts))
+        )  # fmt: skip
         stats.pairs += len(winners)
         stats.ties += sum(ties)
         stats.sequences += len(sequences)
@@ -175,6 +183,7 @@ class Batch:
     losers: torch.Tensor  # (P,) row of the other one
     margins: torch.Tensor  # (P,) float
     ties: torch.Tensor | None = None  # (P,) bool, or None when no pair of the batch is a tie
+    starts: torch.Tensor | None = None  # (N,) each row's first completion position (`scoring.pooled_hidden`)
 
     @property
     def num_pairs(self) -> int:
@@ -185,8 +194,9 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=True)
 
         return Batch(
-            *(move(t) for t in (self.input_ids, self.attention_mask, self.winners, self.losers, self.margins, self.ties))
-        )
+            *(move(t) for t in (self.input_ids, self.attention_mask, self.winners, self.losers, self.margins, self.ties,
+                                self.starts))
+        )  # fmt: skip
 
 
 def collate(elements: Sequence[Element], pad_token_id: int) -> Batch:
@@ -199,6 +209,9 @@ def collate(elements: Sequence[Element], pad_token_id: int) -> Batch:
         attention_mask = [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
         winners = [0, 2, 4]     losers = [1, 3, 3]
 
+    With one-token prompts (``starts = (1, 1)`` and ``(1, 1, 1)``), ``starts = [1, 1, 1, 1, 1]``: the
+    rows' first completion positions (None unless every element records them).
+
     The mask comes from the lengths (the pad id may also be a real token: SmolLM2's EOS).
     """
     seqs: list[tuple[int, ...]] = []
@@ -206,8 +219,10 @@ def collate(elements: Sequence[Element], pad_token_id: int) -> Batch:
     losers: list[int] = []
     margins: list[float] = []
     ties: list[bool] = []
+    starts: list[int] = []
     for element in elements:
         base = len(seqs)
+        starts.extend(element.starts)
         seqs.extend(element.sequences)
         winners.extend(base + i for i in element.winners)
         losers.extend(base + i for i in element.losers)
@@ -221,6 +236,7 @@ def collate(elements: Sequence[Element], pad_token_id: int) -> Batch:
         torch.tensor(losers, dtype=torch.long),
         torch.tensor(margins, dtype=torch.float32),
         torch.tensor(ties, dtype=torch.bool) if any(ties) else None,
+        torch.tensor(starts, dtype=torch.long) if len(starts) == len(seqs) else None,
     )
 
 

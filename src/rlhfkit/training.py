@@ -55,6 +55,13 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def say(self, text: str) -> None:
+        """A line for people on stderr (rich markup), from rank 0 alone; soft wrap keeps long paths whole for grep."""
+        if self.is_main:
+            from rlhfkit.console import console
+
+            console.print(text, highlight=False, soft_wrap=True)
+
 
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
@@ -293,6 +300,27 @@ def window_means(
     return dict(zip(mean, packed.unbind(0), strict=True))
 
 
+def step_metrics(
+    mean: dict[str, torch.Tensor], lr: float, step: int, steps_per_epoch: int, seconds: float, dist: Dist, unit: str
+) -> dict[str, Any]:
+    """The keys an epoch-based stage (dpo, ilql) logs beside its own (README, "Metric keys"):
+    ``train/lr``, ``train/grad_norm`` (the window's mean), ``train/epoch`` (fractional),
+    ``perf/<unit>_per_s`` and ``perf/tokens_per_s``. ``mean`` is `window_means`'s, with the counts
+    ``unit`` and ``tokens`` that each rank has done in ``seconds`` of training; ranks step in
+    lockstep, so a rank's count × world size over its own seconds is the job's rate.
+
+    Example: step 3 of 2 an epoch, 2 ranks that have each done 12 pairs in 4 s →
+    ``train/epoch`` 1.5, ``perf/pairs_per_s`` 6.0.
+    """
+    return {
+        "train/lr": lr,
+        "train/grad_norm": mean["grad_norm"],
+        "train/epoch": step / steps_per_epoch,
+        f"perf/{unit}_per_s": mean[unit] * dist.world_size / max(seconds, 1e-9),
+        "perf/tokens_per_s": mean["tokens"] * dist.world_size / max(seconds, 1e-9),
+    }
+
+
 def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
     if not dist.enabled:
         return model
@@ -440,11 +468,11 @@ def periodic(
     checkpoint: Callable[[int], Any],
 ) -> bool:
     """After optimizer step ``step``: the held-out evaluation every ``eval_every`` steps (not at the
-    last, whose evaluation follows the loop) and a checkpoint every ``save_every`` (0 = never).
-    True when it saved one."""
+    last, whose evaluation follows the loop) and a checkpoint every ``save_every`` steps (0 = none
+    on the way) and at the last step. True when it saved one."""
     if eval_every and step % eval_every == 0 and step < total_steps:
         held_out(step)
-    if save_every and step % save_every == 0:
+    if (save_every and step % save_every == 0) or step == total_steps:
         checkpoint(step)
         return True
     return False
@@ -732,16 +760,7 @@ def load_checkpoint(
         expected = set(trainable_state_dict(unwrap(module)))
         if unexpected or (expected - set(weights)):
             raise RlhfkitError(f"{path}: checkpoint of '{name}' does not match the model (different model or options?)")
-    try:
-        trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise RlhfkitError(f"{path}/trainer.pt: cannot read it ({_first_line(e)}); delete {path} to resume earlier") from e
-    for k, o in optimizers.items():
-        o.load_state_dict(trainer["optimizers"][k])
-    for k, s in schedulers.items():
-        s.load_state_dict(trainer["schedulers"][k])
-    set_rng_state(trainer["rng"])
-    return read_state(path)
+    return _load_trainer(path, optimizers, schedulers)
 
 
 def _load_sharded(
@@ -756,10 +775,18 @@ def _load_sharded(
     except Exception as e:  # DCP reports a damaged or mismatching checkpoint with its own error types
         message = f"{path}: cannot read the sharded checkpoint ({_first_line(e)}); delete {path} to resume earlier"
         raise RlhfkitError(message) from e
+    return _load_trainer(path, {}, schedulers)  # the optimizers' state came with the shards
+
+
+def _load_trainer(path: Path, optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any]) -> dict[str, Any]:
+    """The rest of a checkpoint, from ``trainer.pt`` (optimizer state unless sharded, schedulers, RNG
+    states) and ``state.json``: the stage's state."""
     try:
         trainer = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
     except Exception as e:
         raise RlhfkitError(f"{path}/trainer.pt: cannot read it ({_first_line(e)}); delete {path} to resume earlier") from e
+    for k, o in optimizers.items():
+        o.load_state_dict(trainer["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(trainer["schedulers"][k])
     set_rng_state(trainer["rng"])
@@ -858,6 +885,14 @@ def check_resume_config(
         )
 
 
+def check_same_data(state: dict[str, Any], data: str, data_sha256: str | None, checkpoint: Path) -> None:
+    """Refuse to resume from ``checkpoint`` (its ``state``) when the training data ``data`` is not the
+    data it was written for: the ``data_sha256`` a stage keeps in its checkpoints' state (one of
+    them None: nothing to compare, e.g. data read from stdin)."""
+    if data_sha256 is not None and state.get("data_sha256") not in (None, data_sha256):
+        raise ConfigError(f"--resume: {data} changed since {checkpoint} was written; resume with the same data")
+
+
 # --- metrics and progress ------------------------------------------------------------------------
 
 
@@ -930,3 +965,9 @@ def _to_float(v: Any) -> Any:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def last_metrics(run_dir: str | os.PathLike, key: str = "loss/train") -> dict[str, Any]:
+    """The newest line of ``run_dir``'s metrics.jsonl that holds ``key`` ({} if none): the training
+    metrics a resumed run starts from, so that one resumed after its last step still reports them."""
+    return next((row for row in reversed(read_metrics(run_dir)) if key in row), {})

@@ -62,6 +62,7 @@ Interval = choice_enum("Interval", config.Interval)
 RankingsFormat = choice_enum("RankingsFormat", config.RankingsFormat)
 Aggregate = choice_enum("Aggregate", config.Aggregate)
 HeadInit = choice_enum("HeadInit", config.HeadInit)
+Pooling = choice_enum("Pooling", config.Pooling)
 ChatTemplate = choice_enum("ChatTemplate", config.ChatTemplate)
 Strategy = choice_enum("Strategy", config.Strategy)
 
@@ -142,7 +143,9 @@ ConfigOption = Annotated[
 ]
 SeedOption = Annotated[int, option("Random seed (data order, sampling, initialisation).", GENERAL)]
 DeviceOption = Annotated[Device, option("auto = CUDA if present, else CPU.", GENERAL)]
-DTypeOption = Annotated[DType, option("auto = bfloat16 on a GPU that supports it, else float32.", GENERAL)]
+DTypeOption = Annotated[
+    DType, option("auto = bfloat16 on a GPU that supports it or a CPU with AMX (where bf16 is faster), else float32.", GENERAL)
+]
 SkipInvalidOption = Annotated[bool, option("Skip and count invalid records instead of stopping.", GENERAL)]
 TrustRemoteCodeOption = Annotated[bool, option("Allow model code from the model's directory or hub repo.", GENERAL)]
 ChatTemplateOption = Annotated[
@@ -160,7 +163,7 @@ ConcurrencyOption = Annotated[
 ]
 
 
-# --- option aliases shared by the training commands (sft, train-rm, ppo) ---------------------------
+# --- option aliases shared by the training commands (sft, train-rm, ppo, dpo, ilql) ----------------
 
 ResumeOption = Annotated[bool, option("Continue from the newest checkpoint in --out (the same options are required).", RUN_PANEL)]
 SaveEveryOption = Annotated[int, option("Checkpoint every N optimizer steps (0 = only at the end).", RUN_PANEL)]
@@ -171,6 +174,16 @@ LoraAlphaOption = Annotated[int, option("LoRA alpha (scale = alpha / r).", LORA_
 LoraDropoutOption = Annotated[float, option("Dropout on the LoRA path.", LORA_PANEL)]
 LoraTargetModulesOption = Annotated[str, option("all-linear, or comma-separated module names (q_proj,v_proj).", LORA_PANEL)]
 SaveAdapterOption = Annotated[bool, option("Also save the LoRA adapter alone in OUT/adapter/ (peft format).", LORA_PANEL)]
+WeightDecayOption = Annotated[float, option("AdamW weight decay (not on biases and norms).", TRAINING_PANEL)]
+MaxGradNormOption = Annotated[float, option("Clip the gradient norm (0 = no clipping).", TRAINING_PANEL)]
+# the epoch-based ones (train-rm, dpo, ilql); sft says more about its own
+MaxStepsOption = Annotated[int, option("Stop after this many optimizer steps (0 = every epoch).", TRAINING_PANEL)]
+GradAccumOption = Annotated[int, option("Micro-batches per optimizer step.", TRAINING_PANEL)]
+ScheduleOption = Annotated[Schedule, option("Learning-rate decay after warmup.", TRAINING_PANEL)]
+WarmupStepsOption = Annotated[int, option("Linear warmup steps.", TRAINING_PANEL)]
+ValFractionOption = Annotated[
+    float, option("Share of prompts held out of --data when --val-data is not given (0 = no held-out set).", EVAL_PANEL)
+]
 # scale: how the trained models are spread over the processes of a torchrun job (README, "Scale")
 SCALE_PANEL = "Scale"
 StrategyOption = Annotated[

@@ -14,6 +14,7 @@ from rlhfkit.cli.common import (
     CpuOffloadOption,
     DeviceOption,
     DTypeOption,
+    GradAccumOption,
     GradientCheckpointingOption,
     KeepCheckpointsOption,
     LogEveryOption,
@@ -21,15 +22,20 @@ from rlhfkit.cli.common import (
     LoraDropoutOption,
     LoraROption,
     LoraTargetModulesOption,
+    MaxGradNormOption,
+    MaxStepsOption,
     ReportToOption,
     ResumeOption,
     SaveAdapterOption,
     SaveEveryOption,
-    Schedule,
+    ScheduleOption,
     SeedOption,
     SkipInvalidOption,
     StrategyOption,
     TrustRemoteCodeOption,
+    ValFractionOption,
+    WarmupStepsOption,
+    WeightDecayOption,
     build_config,
     command,
     option,
@@ -88,14 +94,14 @@ def command(
         option("The target Q̂ moves this fraction of the way to Q after each optimizer step (Polyak averaging).", ILQL_PANEL),
     ] = D.polyak,
     epochs: Annotated[int, option("Passes over the data.", TRAINING_PANEL)] = D.epochs,
-    max_steps: Annotated[int, option("Stop after this many optimizer steps (0 = every epoch).", TRAINING_PANEL)] = D.max_steps,
+    max_steps: MaxStepsOption = D.max_steps,
     batch_size: Annotated[int, option("Sequences per micro-batch and device.", TRAINING_PANEL)] = D.batch_size,
-    grad_accum: Annotated[int, option("Micro-batches per optimizer step.", TRAINING_PANEL)] = D.grad_accum,
+    grad_accum: GradAccumOption = D.grad_accum,
     lr: Annotated[float, option("Peak learning rate of AdamW (LM and heads).", TRAINING_PANEL)] = D.lr,
-    schedule: Annotated[Schedule, option("Learning-rate decay after warmup.", TRAINING_PANEL)] = D.schedule,  # type: ignore[assignment]
-    warmup_steps: Annotated[int, option("Linear warmup steps.", TRAINING_PANEL)] = D.warmup_steps,
-    weight_decay: Annotated[float, option("AdamW weight decay (not on biases and norms).", TRAINING_PANEL)] = D.weight_decay,
-    max_grad_norm: Annotated[float, option("Clip the gradient norm (0 = no clipping).", TRAINING_PANEL)] = D.max_grad_norm,
+    schedule: ScheduleOption = D.schedule,  # type: ignore[assignment]
+    warmup_steps: WarmupStepsOption = D.warmup_steps,
+    weight_decay: WeightDecayOption = D.weight_decay,
+    max_grad_norm: MaxGradNormOption = D.max_grad_norm,
     val_data: Annotated[
         str,
         option(
@@ -104,9 +110,7 @@ def command(
             show_default=False,
         ),
     ] = D.val_data,
-    val_fraction: Annotated[
-        float, option("Share of prompts held out of --data when --val-data is not given (0 = no held-out set).", EVAL_PANEL)
-    ] = D.val_fraction,
+    val_fraction: ValFractionOption = D.val_fraction,
     eval_every: Annotated[
         int, option("Held-out loss every N optimizer steps (0 = only at the start and the end).", EVAL_PANEL)
     ] = (D.eval_every),

@@ -23,6 +23,7 @@ from rlhfkit.cli.common import (
     LoraDropoutOption,
     LoraROption,
     LoraTargetModulesOption,
+    MaxGradNormOption,
     ReportToOption,
     ResumeOption,
     SaveAdapterOption,
@@ -32,6 +33,7 @@ from rlhfkit.cli.common import (
     StrategyOption,
     TrustRemoteCodeOption,
     ValueHead,
+    WeightDecayOption,
     build_config,
     choice_enum,
     command,
@@ -169,9 +171,9 @@ def command(
         Schedule, option("Learning-rate decay over --steps (linear = annealed to 0).", TRAINING_PANEL)
     ] = D.schedule,  # type: ignore[assignment]
     warmup_steps: Annotated[int, option("Linear warmup, in PPO steps.", TRAINING_PANEL)] = D.warmup_steps,
-    weight_decay: Annotated[float, option("AdamW weight decay (not on biases and norms).", TRAINING_PANEL)] = D.weight_decay,
+    weight_decay: WeightDecayOption = D.weight_decay,
     adam_eps: Annotated[float, option("AdamW ε (1e-5 as in lm-human-preferences).", TRAINING_PANEL)] = D.adam_eps,
-    max_grad_norm: Annotated[float, option("Clip the gradient norm (0 = no clipping).", TRAINING_PANEL)] = D.max_grad_norm,
+    max_grad_norm: MaxGradNormOption = D.max_grad_norm,
     ptx_data: Annotated[
         str, option("Demonstrations or text records whose language-model loss is added to every update.", PTX, show_default=False)
     ] = D.ptx_data,

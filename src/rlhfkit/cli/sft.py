@@ -21,6 +21,7 @@ from rlhfkit.cli.common import (
     LoraDropoutOption,
     LoraROption,
     LoraTargetModulesOption,
+    MaxGradNormOption,
     ReportToOption,
     ResumeOption,
     SaveAdapterOption,
@@ -30,6 +31,7 @@ from rlhfkit.cli.common import (
     SkipInvalidOption,
     StrategyOption,
     TrustRemoteCodeOption,
+    WeightDecayOption,
     build_config,
     command,
     option,
@@ -84,17 +86,14 @@ def command(
             TRAINING_PANEL,
         ),
     ] = D.grad_accum,
-    weight_decay: Annotated[
-        float, option("AdamW weight decay (not applied to biases and norms).", TRAINING_PANEL)
-    ] = D.weight_decay,
-    max_grad_norm: Annotated[
-        float, option("Clip the gradient norm to this (0 = no clipping).", TRAINING_PANEL)
-    ] = D.max_grad_norm,
+    weight_decay: WeightDecayOption = D.weight_decay,
+    max_grad_norm: MaxGradNormOption = D.max_grad_norm,
     bf16: Annotated[
         Optional[bool],
         option(
             "bfloat16 autocast with float32 weights. Default: on with --dtype auto on a GPU that supports "
-            "it, off elsewhere. (--dtype bfloat16 trains bfloat16 weights instead.)",
+            "it or a CPU with AMX, off elsewhere. "
+            "(--dtype bfloat16 trains bfloat16 weights instead.)",
             TRAINING_PANEL,
             "--bf16/--no-bf16",
             show_default=False,

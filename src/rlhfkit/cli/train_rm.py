@@ -14,6 +14,7 @@ from rlhfkit.cli.common import (
     CpuOffloadOption,
     DeviceOption,
     DTypeOption,
+    GradAccumOption,
     GradientCheckpointingOption,
     HeadInit,
     KeepCheckpointsOption,
@@ -22,15 +23,21 @@ from rlhfkit.cli.common import (
     LoraDropoutOption,
     LoraROption,
     LoraTargetModulesOption,
+    MaxGradNormOption,
+    MaxStepsOption,
+    Pooling,
     ReportToOption,
     ResumeOption,
     SaveAdapterOption,
     SaveEveryOption,
-    Schedule,
+    ScheduleOption,
     SeedOption,
     SkipInvalidOption,
     StrategyOption,
     TrustRemoteCodeOption,
+    ValFractionOption,
+    WarmupStepsOption,
+    WeightDecayOption,
     build_config,
     command,
     option,
@@ -87,19 +94,25 @@ def command(
             "Without --epochs: at least this many optimizer steps (epochs = ceil(min-steps / steps per epoch)).", TRAINING_PANEL
         ),
     ] = D.min_steps,
-    max_steps: Annotated[int, option("Stop after this many optimizer steps (0 = every epoch).", TRAINING_PANEL)] = D.max_steps,
+    max_steps: MaxStepsOption = D.max_steps,
     batch_size: Annotated[
         int,
         option("Batch elements per micro-batch and device: rankings (all pairs of one 'group') or single pairs.", TRAINING_PANEL),
     ] = D.batch_size,
-    grad_accum: Annotated[int, option("Micro-batches per optimizer step.", TRAINING_PANEL)] = D.grad_accum,
+    grad_accum: GradAccumOption = D.grad_accum,
     lr: Annotated[
         float,
         option("Peak learning rate of AdamW (1e-5 suits full fine-tuning; raise it, e.g. 1e-4, with --lora).", TRAINING_PANEL),
     ] = D.lr,
-    schedule: Annotated[Schedule, option("Learning-rate decay after warmup.", TRAINING_PANEL)] = (  # type: ignore[assignment]
-        D.schedule
-    ),
+    schedule: ScheduleOption = D.schedule,  # type: ignore[assignment]
+    pooling: Annotated[
+        Pooling,
+        option(
+            "What the score head reads: last, the hidden state at the last token (the format plain transformers reads); "
+            "last+mean, also the mean hidden state over the completion's tokens (a second head in mean_head.safetensors).",
+            HEAD_PANEL,
+        ),
+    ] = D.pooling,  # type: ignore[assignment]
     head_init: Annotated[
         HeadInit,
         option(
@@ -129,9 +142,9 @@ def command(
             HEAD_PANEL,
         ),
     ] = D.ensemble,
-    warmup_steps: Annotated[int, option("Linear warmup steps.", TRAINING_PANEL)] = D.warmup_steps,
-    weight_decay: Annotated[float, option("AdamW weight decay (not on biases and norms).", TRAINING_PANEL)] = D.weight_decay,
-    max_grad_norm: Annotated[float, option("Clip the gradient norm (0 = no clipping).", TRAINING_PANEL)] = D.max_grad_norm,
+    warmup_steps: WarmupStepsOption = D.warmup_steps,
+    weight_decay: WeightDecayOption = D.weight_decay,
+    max_grad_norm: MaxGradNormOption = D.max_grad_norm,
     use_margin: Annotated[
         bool, option("Use each pair's 'margin' in the loss: −log σ(r_w − r_l − margin) (Llama 2).", TRAINING_PANEL)
     ] = D.use_margin,
@@ -150,12 +163,7 @@ def command(
             show_default=False,
         ),
     ] = D.val_data,
-    val_fraction: Annotated[
-        float,
-        option(
-            "Share of prompts held out of --data when --val-data is not given (split by prompt; 0 = no held-out set).", EVAL_PANEL
-        ),
-    ] = D.val_fraction,
+    val_fraction: ValFractionOption = D.val_fraction,
     eval_every: Annotated[
         int, option("Held-out accuracy and margin every N optimizer steps (0 = only at the end).", EVAL_PANEL)
     ] = D.eval_every,

@@ -137,7 +137,10 @@ def run(config: LabelConfig) -> dict:
     store = RankingsStore(config.out)
     if store.torn_bytes:
         console.print(
-            f"{config.out}: cut off a torn last line ({store.torn_bytes} bytes, never acknowledged)", style="yellow", markup=False
+            f"{config.out}: cut off a torn last line ({store.torn_bytes} bytes, never acknowledged)",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,
         )
     labeler = Labeler(
         samples,

@@ -56,7 +56,7 @@ import torch.distributed as tdist
 
 from rlhfkit import models, training
 from rlhfkit.config import DPOConfig
-from rlhfkit.errors import ConfigError, DataError
+from rlhfkit.errors import DataError
 from rlhfkit.losses import dpo_loss, masked_sum
 from rlhfkit.provenance import RunInfo
 from rlhfkit.stages import preference_data
@@ -134,12 +134,9 @@ def run(config: DPOConfig) -> dict[str, Any] | None:
 
 
 def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: training.Dist) -> dict[str, Any] | None:
-    from rlhfkit.console import console, progress_bar
+    from rlhfkit.console import progress_bar
 
-    def say(text: str) -> None:
-        if dist.is_main:
-            console.print(text, highlight=False, soft_wrap=True)
-
+    say = dist.say
     out = Path(config.out)
     resume_from = training.prepare_run_dir(out, config.resume, STAGE, dataclasses.asdict(config), RESUME_MAY_CHANGE, dist)
     training.barrier(dist)  # every rank has looked at --out before rank 0 writes into it
@@ -186,7 +183,8 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
         ref_train, ref_val = reference_logps(model, train, val, out, tokenizer.pad_token_id, config, device, autocast, dist, say)
 
     # 4. schedule, optimizer, resume
-    steps_per_epoch = preference_data.steps_per_epoch(len(train_groups), dist, config.batch_size, config.grad_accum)
+    step_batches = preference_data.StepBatches(len(train_groups), dist, config.batch_size, config.grad_accum, config.seed)
+    steps_per_epoch = step_batches.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -198,8 +196,7 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
         state = training.load_checkpoint(
             resume_from, modules={"policy": model}, optimizers={"policy": optimizer}, schedulers=schedulers
         )
-        if data_sha is not None and state.get("data_sha256") not in (None, data_sha):
-            raise ConfigError(f"--resume: {config.data} changed since {resume_from} was written; resume with the same data")
+        training.check_same_data(state, config.data, data_sha, resume_from)
         step = int(state["step"])
         say(f"resuming from {resume_from} (step {step} of {total_steps})")
     resumed_from = step
@@ -221,22 +218,14 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
         return {k: v for k, v in metrics_log.log(at, result).items() if k != "step"}
 
     # 5. train
-    last: dict[str, float] = {}
-    for row in training.read_metrics(out) if resume_from is not None else []:
-        if "loss/train" in row:
-            last = row
+    last = training.last_metrics(out) if resume_from is not None else {}
     window: list[dict[str, torch.Tensor]] = []
     pairs_done, tokens_done, train_seconds = 0, 0, 0.0
-    orders: dict[int, list[list[int]]] = {}
-    saved_at = step if resume_from is not None else -1
     with progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main) as bar:
         if step == 0:
             held_out(0)  # where the policy starts: h = 0 on every pair (loss log 2 for sigmoid)
         while step < total_steps:
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: preference_data.epoch_batches(len(train_groups), dist, config.batch_size, config.seed, epoch)}
-            micro = orders[epoch][index * config.grad_accum : (index + 1) * config.grad_accum]
+            micro = step_batches(step)
             started = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
             for j, chunk in enumerate(micro):
@@ -274,31 +263,20 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
                     "rewards/margins": mean["margin"],
                     "logps/chosen": mean["logps_chosen"],
                     "logps/rejected": mean["logps_rejected"],
-                    "train/lr": lr,
-                    "train/grad_norm": mean["grad_norm"],
-                    "train/epoch": step / steps_per_epoch,
-                    "perf/pairs_per_s": mean["pairs"] * dist.world_size / max(train_seconds, 1e-9),
-                    "perf/tokens_per_s": mean["tokens"] * dist.world_size / max(train_seconds, 1e-9),
+                    **training.step_metrics(mean, lr, step, steps_per_epoch, train_seconds, dist, unit="pairs"),
                 })  # fmt: skip
                 window = []
                 bar.update(0, info=f"loss {last['loss/train']:.4f} | acc {last['rewards/accuracies']:.2f} | "
                                    f"margin {last['rewards/margins']:.3f} | {last['perf/pairs_per_s']:.1f} pairs/s")  # fmt: skip
             bar.update(1)
-            if training.periodic(step, total_steps, config.eval_every, config.save_every, held_out, checkpoint):
-                saved_at = step
-    if saved_at != step:
-        checkpoint(step)
+            training.periodic(step, total_steps, config.eval_every, config.save_every, held_out, checkpoint)  # + the last step's
 
     # 6. held-out evaluation, the model directory
     evaluation = held_out(step)
     summary = {**{k: v for k, v in last.items() if k != "step"}, **evaluation, "steps": step}
     saved = training.gather_model(model, dist)  # FSDP: the full weights on rank 0 (every rank takes part)
     if dist.is_main:
-        final = models.merged(saved) if config.lora else saved
-        keep = models.RUN_FILES
-        if config.lora and config.save_adapter:
-            models.save_adapter(saved, out / models.ADAPTER_DIR)
-            keep = (*keep, models.ADAPTER_DIR)
+        final, keep = models.final_model(saved, out, lora=config.lora, adapter=config.save_adapter)
         extra = {"dpo": {"beta": config.beta, "loss": config.loss, "reference": "the starting policy (--policy)",
                          "train": train_stats.as_dict(), "val": val_stats.as_dict()}}  # fmt: skip
         models.save_model_dir(final, tokenizer, out, info, summary, extra=extra, keep=keep)

@@ -185,12 +185,9 @@ def load_data(config: ILQLConfig, tokenizer: Any) -> tuple[list[Rewarded], list[
 
 
 def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: training.Dist) -> dict[str, Any] | None:
-    from rlhfkit.console import console, progress_bar
+    from rlhfkit.console import progress_bar
 
-    def say(text: str) -> None:
-        if dist.is_main:
-            console.print(text, highlight=False, soft_wrap=True)
-
+    say = dist.say
     out = Path(config.out)
     resume_from = training.prepare_run_dir(out, config.resume, STAGE, dataclasses.asdict(config), RESUME_MAY_CHANGE, dist)
     training.barrier(dist)
@@ -226,7 +223,8 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
     autocast, scaler = training.mixed_precision(dtype, device)
 
     # 3. schedule, optimizer, resume
-    steps_per_epoch = preference_data.steps_per_epoch(len(train), dist, config.batch_size, config.grad_accum)
+    step_batches = preference_data.StepBatches(len(train), dist, config.batch_size, config.grad_accum, config.seed)
+    steps_per_epoch = step_batches.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -237,8 +235,7 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
     step = 0
     if resume_from is not None:
         state = training.load_checkpoint(resume_from, modules=trained, optimizers={"ilql": optimizer}, schedulers=schedulers)
-        if data_sha is not None and state.get("data_sha256") not in (None, data_sha):
-            raise ConfigError(f"--resume: {config.data} changed since {resume_from} was written; resume with the same data")
+        training.check_same_data(state, config.data, data_sha, resume_from)
         step = int(state["step"])
         say(f"resuming from {resume_from} (step {step} of {total_steps})")
     resumed_from = step
@@ -259,22 +256,14 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
         return {k: v for k, v in metrics_log.log(at, result).items() if k != "step"}
 
     # 4. train
-    last: dict[str, float] = {}
-    for row in training.read_metrics(out) if resume_from is not None else []:
-        if "loss/train" in row:
-            last = row
+    last = training.last_metrics(out) if resume_from is not None else {}
     window: list[dict[str, torch.Tensor]] = []
     tokens_done, sequences_done, train_seconds = 0, 0, 0.0
-    orders: dict[int, list[list[int]]] = {}
-    saved_at = step if resume_from is not None else -1
     with progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main) as bar:
         if step == 0:
             held_out(0)
         while step < total_steps:
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: preference_data.epoch_batches(len(train), dist, config.batch_size, config.seed, epoch)}
-            micro = orders[epoch][index * config.grad_accum : (index + 1) * config.grad_accum]
+            micro = step_batches(step)
             started = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
             for j, chunk in enumerate(micro):
@@ -307,30 +296,19 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
                     "ilql/q": mean["q_mean"],
                     "ilql/v": mean["v_mean"],
                     "ilql/advantage": mean["advantage_mean"],
-                    "train/lr": lr,
-                    "train/grad_norm": mean["grad_norm"],
-                    "train/epoch": step / steps_per_epoch,
-                    "perf/sequences_per_s": mean["sequences"] * dist.world_size / max(train_seconds, 1e-9),
-                    "perf/tokens_per_s": mean["tokens"] * dist.world_size / max(train_seconds, 1e-9),
+                    **training.step_metrics(mean, lr, step, steps_per_epoch, train_seconds, dist, unit="sequences"),
                 })  # fmt: skip
                 window = []
                 bar.update(0, info=f"loss {last['loss/train']:.4f} | q {last['ilql/q']:.3f} | v {last['ilql/v']:.3f} | "
                                    f"{last['perf/sequences_per_s']:.1f} seq/s")  # fmt: skip
             bar.update(1)
-            if training.periodic(step, total_steps, config.eval_every, config.save_every, held_out, checkpoint):
-                saved_at = step
-    if saved_at != step:
-        checkpoint(step)
+            training.periodic(step, total_steps, config.eval_every, config.save_every, held_out, checkpoint)  # + the last step's
 
     # 5. held-out evaluation, the model directory: π_β (merged with LoRA) + the heads
     evaluation = held_out(step)
     summary = {**{k: v for k, v in last.items() if k != "step"}, **evaluation, "steps": step}
     if dist.is_main:
-        final = models.merged(model.lm) if config.lora else model.lm
-        keep = models.RUN_FILES
-        if config.lora and config.save_adapter:
-            models.save_adapter(model.lm, out / models.ADAPTER_DIR)
-            keep = (*keep, models.ADAPTER_DIR)
+        final, keep = models.final_model(model.lm, out, lora=config.lora, adapter=config.save_adapter)
         extra = {"ilql": {"heads": HEADS_FILE, "beta": config.beta, "sampling": "log_softmax(logits) + beta * (target_Q - V)",
                           "train": train_stats.as_dict(), "val": val_stats.as_dict()}}  # fmt: skip
         models.save_model_dir(final, tokenizer, out, info, summary, extra=extra, keep=keep,

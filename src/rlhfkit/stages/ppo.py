@@ -198,6 +198,7 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
     last: dict[str, float] = (read_metrics(out) or [{}])[-1] if checkpoint is not None and dist.is_main else {}
     started = time.perf_counter()
     tokens_total = 0
+    first_stopped: float | None = None  # the share of completions that ended at the first step (ending_warning)
     with progress_bar(config.algo, total=config.steps, completed=start, enabled=dist.is_main) as bar:
         for step in range(start, config.steps):
             t_step = time.perf_counter()
@@ -211,6 +212,13 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
                        "perf/tokens_per_s": result["tokens"] * dist.world_size / max(seconds, 1e-9)}  # fmt: skip
             metrics.update(judge.after_step(step + 1))  # --judge: judge/win_rate over the starting policy, at its steps
             last = metrics_log.log(step + 1, metrics)
+            first_stopped = last["response/stopped"] if first_stopped is None else first_stopped
+            warning = ending_warning(first_stopped, last["response/stopped"], step + 1, config)
+            if warning and dist.is_main:
+                from rlhfkit.console import console
+
+                console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+                first_stopped = -math.inf  # once per run
             if config.sample_every and (step + 1) % config.sample_every == 0 and dist.is_main:
                 samples_log.write(step + 1, result["items"], result, config.num_samples)
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
@@ -223,7 +231,7 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
     policy = gather_model(models.policy, dist)  # FSDP: the full weights on rank 0 (every rank takes part); else the policy
     if dist.is_main:
         judged = judge.finish()  # --judge --keep-best: the judge's best policy's weights are loaded into the policy
-        final = model_io.merged(policy) if config.lora else policy
+        final, keep = model_io.final_model(policy, out, lora=config.lora, adapter=config.save_adapter)  # merged; OUT/adapter/
         extra = {
             "ppo": {
                 "steps": config.steps,
@@ -234,9 +242,7 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
                 "judge": judged,
             }
         }
-        model_io.save_model_dir(final, tokenizer, out, info, summary, extra=extra)
-        if config.lora and config.save_adapter:
-            model_io.save_adapter(policy, out / model_io.ADAPTER_DIR)
+        model_io.save_model_dir(final, tokenizer, out, info, summary, extra=extra, keep=keep)
     barrier(dist)
     if not dist.is_main:
         return None  # one result on stdout, from rank 0
@@ -249,6 +255,25 @@ def _run(config: PPOConfig, dist: Dist, device: torch.device, dtype: torch.dtype
         "tokens_per_s": tokens_total / max(time.perf_counter() - started, 1e-9),
         "judge": judged,
     }
+
+
+def ending_warning(first: float, now: float, step: int, config: PPOConfig) -> str | None:
+    """The warning when the policy learns not to end its answers, or None.
+
+    A reward model that prefers what a cut-off answer holds (more content) pays the policy to run to
+    ``--max-new-tokens``: the share of completions that stopped falls (issue 18's task: 0.70 → 0.22
+    without a penalty; the hard example: 0.37 → 0.98 with ``--missing-eos-penalty -1``). It fires once the
+    share is below half its first-step value and below 0.5, when no penalty is set.
+
+    Example: first 0.70, now 0.30 → a warning; first 0.70, now 0.40 → None (above half);
+    first 0.20, now 0.05 with ``--missing-eos-penalty -1`` → None.
+    """
+    if config.missing_eos_penalty is not None or not now < min(0.5, first / 2):
+        return None
+    return (
+        f"step {step}: only {now:.0%} of the completions end by themselves ({first:.0%} at the first step): the policy is "
+        f"learning to run to --max-new-tokens {config.max_new_tokens}; --missing-eos-penalty (e.g. -1) scores such answers"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +326,8 @@ def ppo_step(
     # 3. policy and reference log-probs (logits / temperature), values, in the first epoch's micro-batches
     t0 = clock()
     first_order = minibatch_order(config.seed, step, 0, sz.batch, mask.device)
-    fwd = rollout_forward(models, exp, first_order, sz, config.temperature)
+    first = first_forward(models, exp, first_order, sz, config, ptx)  # the update's first forward, run now (or None)
+    fwd = rollout_forward(models, exp, first_order, sz, config.temperature, first=first)
     timings["time/forward"] = clock() - t0
 
     # 4. scores at the last real token (normalised, clipped; missing-EOS penalty; an ensemble's mean − λ·std)
@@ -318,7 +344,7 @@ def ppo_step(
 
     # 8.-9. PPO epochs over shuffled mini-batches (+ PPO-ptx), with the loss of --algo
     t0 = clock()
-    update = ppo_update(models, optimizer, exp, config, step, ptx, dist, kl_coef=kl_coef)
+    update = ppo_update(models, optimizer, exp, config, step, ptx, dist, kl_coef=kl_coef, first=first)
     timings["time/update"] = clock() - t0
 
     # 10. KL controller update, on the mean per-sequence KL over every rank's rollouts
@@ -382,28 +408,61 @@ def generate(models: Models, items: Sequence[PromptItem], seeds: Sequence[int], 
     return Rollout(query, query_mask, response, response_mask, stopped, logprobs, [s for r in parts for s in r.stop_text])
 
 
+FirstForward = tuple[torch.Tensor, dict[str, torch.Tensor]]  # (row indices, `ActorCritic.forward`'s outputs, with autograd)
+
+
+def first_forward(
+    models: Models, exp: Experience, order: torch.Tensor, sz: Sizes, config: PPOConfig, ptx: PtxFeed | None = None
+) -> FirstForward | None:
+    """3. and 8. The first PPO epoch's first forward, run before the scores: its log-probs, values
+    and entropies are the rollout's (no weight has changed yet), and the update backpropagates
+    through it instead of running it again, one policy and critic forward less per step (the whole
+    batch's with the default one mini-batch of one micro-batch). The first ratio is then exactly 1
+    by construction; the reference still runs on its own (KL exactly 0 needs bit-equal forwards,
+    which `policy_logprobs` gives with and without autograd).
+
+    Only when the first mini-batch is one micro-batch (``--grad-accum 1``): several would hold
+    several graphs at once across the reference forward and the scoring. Returns None otherwise.
+    """
+    if sz.micro_batch != sz.mini_batch:
+        return None
+    idx = micro_batches(order, sz)[0][0]
+    rows = exp.rows(idx)
+    ptx_on = ptx is not None and config.ptx_coef > 0
+    with models.autocast():  # the update's call (a DDP wrapper's forward: its backward all-reduces)
+        out = models.actor_critic(
+            rows["query"], rows["query_mask"], rows["response"], rows["response_mask"], temperature=config.temperature,
+            with_entropy=True, ptx=ptx.next(exp.response.device) if ptx_on else None,
+        )  # fmt: skip
+    return idx, out
+
+
 @torch.no_grad()
 def rollout_forward(
-    models: Models, exp: Experience, order: torch.Tensor, sz: Sizes, temperature: float
+    models: Models, exp: Experience, order: torch.Tensor, sz: Sizes, temperature: float, first: FirstForward | None = None
 ) -> dict[str, torch.Tensor]:
     """3. Policy log-probs, entropy and values, and reference log-probs, all (B, T).
 
     Computed in the micro-batches of the first PPO epoch (``order``) with the function that the
     update uses (`value.policy_logprobs` through `ActorCritic.forward`), so the first mini-batch's
-    ratio is exactly 1 and, while the policy equals the reference, the KL is exactly 0.
+    ratio is exactly 1 and, while the policy equals the reference, the KL is exactly 0. The first
+    micro-batch's come from ``first`` (`first_forward`) when given.
     """
     B, T = exp.response.shape
     device = exp.response.device
     out = {name: torch.zeros(B, T, device=device) for name in ("logprobs", "ref_logprobs", "values", "entropy")}
-    for mini in micro_batches(order, sz):
-        for idx in mini:
+    for m, mini in enumerate(micro_batches(order, sz)):
+        for i, idx in enumerate(mini):
             rows = exp.rows(idx)
             args = (rows["query"], rows["query_mask"], rows["response"], rows["response_mask"])
-            with models.autocast():
-                policy_out = models.core(*args, temperature=temperature, with_entropy=True)
+            if first is not None and m == i == 0:
+                policy_out = first[1]
+            else:
+                with models.autocast():
+                    policy_out = models.core(*args, temperature=temperature, with_entropy=True)
             for name in ("logprobs", "values", "entropy"):
                 if name in policy_out:  # no values without a critic (rloo, grpo): they stay 0
-                    out[name][idx] = _pad_to(policy_out[name].float(), T)
+                    out[name][idx] = _pad_to(policy_out[name].detach().float(), T)
             out["ref_logprobs"][idx] = _pad_to(models.reference_logprobs(*args, temperature=temperature).float(), T)
     return out
 
@@ -544,10 +603,12 @@ def ppo_update(
     ptx: PtxFeed | None = None,
     dist: Dist = Dist(),
     kl_coef: float | None = None,
+    first: FirstForward | None = None,
 ) -> dict[str, Any]:
     """8. ``--ppo-epochs`` passes over shuffled mini-batches of ``exp`` (one for a2c); one optimizer
     step per mini-batch, ``--grad-accum`` micro-batches each, with the loss of ``--algo``
     (`update_loss`; ``kl_coef``: grpo's β, default ``--kl-coef``); 9. the PPO-ptx loss added to each.
+    ``first``: the first micro-batch's forward, already run (`first_forward`).
 
     Returns the mean of each statistic over the micro-batches (0-d tensors), ``updates`` (optimizer
     steps taken) and ``minibatches``: per mini-batch ``ratio_min``/``ratio_max`` (for checking the
@@ -570,10 +631,14 @@ def ppo_update(
                 rows = exp.rows(idx)
                 mask = rows["response_mask"]
                 with no_sync(models.actor_critic, skip=i < len(mini) - 1), models.autocast():
-                    out = models.actor_critic(
-                        rows["query"], rows["query_mask"], rows["response"], mask,
-                        temperature=config.temperature, ptx=ptx.next(device) if ptx_on else None,
-                    )  # fmt: skip
+                    if first is not None:  # run in phase 3, on these very rows, before any weight changed
+                        assert torch.equal(first[0], idx)
+                        out, first = first[1], None
+                    else:
+                        out = models.actor_critic(
+                            rows["query"], rows["query_mask"], rows["response"], mask,
+                            temperature=config.temperature, ptx=ptx.next(device) if ptx_on else None,
+                        )  # fmt: skip
                     # policy loss and value loss, by --algo
                     loss, micro_stats = update_loss(config, out, rows, mask, kl_coef)
                     if ptx_on:

@@ -17,6 +17,7 @@ its EOS, one cut off at the length limit does not: a comparison's ``chosen_finis
   ``samples.jsonl``, or collect's output scored by any means) → `ScoredSequence`s, for ilql;
 * `epoch_batches` — a rank's micro-batches of element indices for one epoch, a function of
   (seed, epoch) only, padded so that every rank runs as many as the others;
+* `StepBatches` — the micro-batches of optimizer step ``s`` (train-rm, dpo and ilql's loops);
 * `collate` — sequences → the (query, query_mask, response, response_mask) tensors of
   `rlhfkit.generation` (left-padded prompts, right-padded completions).
 """
@@ -226,6 +227,28 @@ def steps_per_epoch(n: int, dist: training.Dist, batch_size: int, grad_accum: in
     """Optimizer steps in one epoch of `epoch_batches` (the same on every rank)."""
     micro = math.ceil(math.ceil(n / dist.world_size) / batch_size)
     return math.ceil(micro / grad_accum)
+
+
+class StepBatches:
+    """The micro-batches of every optimizer step, epoch after epoch: step ``s`` takes the next
+    ``grad_accum`` micro-batches of epoch ``s // steps_per_epoch``'s `epoch_batches` (the last step
+    of an epoch may take fewer). A function of the step alone, so a resumed run continues exactly.
+
+    Example: 5 elements, one process, batch size 2, grad-accum 2: 3 micro-batches an epoch, so
+    ``steps_per_epoch`` is 2; step 0 takes the epoch's first two micro-batches, step 1 the third
+    (one element), step 2 the first two of epoch 1 (a new order).
+    """
+
+    def __init__(self, n: int, dist: training.Dist, batch_size: int, grad_accum: int, seed: int):
+        self.n, self.dist, self.batch_size, self.grad_accum, self.seed = n, dist, batch_size, grad_accum, seed
+        self.steps_per_epoch = steps_per_epoch(n, dist, batch_size, grad_accum)
+        self._epoch, self._batches = -1, []  # the current epoch's micro-batches
+
+    def __call__(self, step: int) -> list[list[int]]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.n, self.dist, self.batch_size, self.seed, epoch)
+        return self._batches[index * self.grad_accum : (index + 1) * self.grad_accum]
 
 
 @dataclass

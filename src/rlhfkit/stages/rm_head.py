@@ -1,15 +1,18 @@
 """train-rm's score head: what it starts from, what else trains with it, and how an ensemble is kept.
 
-Three choices decide how well a reward model trained on a few hundred comparisons ranks the
+Four choices decide how well a reward model trained on a few hundred comparisons ranks the
 answers to prompts it has never seen (README, "the hard example", measures each):
 
+0. **What the head reads** (``--pooling``): the last token's hidden state (``last``, the
+   interchange format), or that and the mean hidden state over the completion (``last+mean``:
+   a second, bias-free "mean head", `scoring.pooled_hidden`).
 1. **Probe initialisation** (``--head-init probe``, LP-FT, Kumar et al. 2022): the head is fitted
-   on the frozen backbone's last-token features by Bradley–Terry logistic regression
+   on the frozen backbone's features by Bradley–Terry logistic regression
    (`rlhfkit.probe`) before any weight of the backbone moves. ``--head-init random`` keeps
    transformers' fresh random head.
 2. **What trains** (``--trainable-layers N``): the top N decoder layers, the final norm and the
    head; the rest is frozen. ``0`` keeps the linear probe alone (no fine-tuning of the features);
-   ``-1`` (default) trains every layer. ``--head-lr`` gives the head a learning rate of its own.
+   ``-1`` (default) trains every layer. ``--head-lr`` gives the heads a learning rate of their own.
 3. **An ensemble** (``--ensemble M``): M heads on one backbone, the InstructGPT batching unchanged
    (one forward per completion serves all heads). Member m trains on a bootstrap resample of the
    rankings (`probe.bootstrap_weights`: a ranking drawn twice weighs twice) from its own probe
@@ -35,7 +38,7 @@ from rlhfkit import rm_data
 from rlhfkit.generation import right_pad
 from rlhfkit.models import base_model
 from rlhfkit.probe import PairFeatures, choose_l2, fit_probe, pair_accuracy
-from rlhfkit.scoring import Ensemble, classifier_parts, last_token_hidden
+from rlhfkit.scoring import Ensemble, add_mean_head, classifier_parts, mean_head, pooled_hidden
 from rlhfkit.training import trainable_state_dict
 
 
@@ -49,15 +52,18 @@ def pair_features(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> PairFeatures:
-    """Frozen last-token features of every distinct sequence of ``elements`` and their pairs.
+    """Frozen features of every distinct sequence of ``elements`` (what the heads read:
+    `scoring.pooled_hidden`) and their pairs.
 
     A pair's group is the index of its element (one ranking), so folds and bootstrap resamples
     keep the correlated pairs of a ranking together.
     """
     sequences: dict[tuple[int, ...], int] = {}
+    starts: dict[tuple[int, ...], int] = {}
     winners, losers, ties, groups = [], [], [], []
     for g, element in enumerate(elements):
         rows = [sequences.setdefault(seq, len(sequences)) for seq in element.sequences]
+        starts.update(zip(element.sequences, element.starts))
         winners += [rows[i] for i in element.winners]
         losers += [rows[i] for i in element.losers]
         ties += list(element.ties or [False] * element.num_pairs)
@@ -68,8 +74,9 @@ def pair_features(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = right_pad([ordered[r] for r in rows], pad_token_id, device)
+        first = torch.tensor([starts[ordered[r]] for r in rows], device=device) if starts else None
         with autocast():
-            hidden = last_token_hidden(model, ids, mask).float().cpu()  # (b, H)
+            hidden = pooled_hidden(model, ids, mask, first).float().cpu()  # (b, H) or (b, 2H)
         if features is None:
             features = torch.empty(len(ordered), hidden.size(1))
         features[rows] = hidden
@@ -81,6 +88,8 @@ def init_heads_by_probe(
     model: Any, pairs: PairFeatures, element_weights: torch.Tensor, *, l2: float | None, seed: int
 ) -> dict[str, Any]:
     """Set each head row m to the probe fitted on member m's resample; returns what was chosen.
+    A ``last+mean`` model's probe is 2H wide: its first half goes to the score head, its second to
+    the mean head (`scoring.pooled_hidden`).
 
     ``element_weights`` (M, E): member m's weight of element (ranking) e. λ is ``l2``, or chosen by
     cross-validation over the rankings (`probe.choose_l2`) when None.
@@ -91,8 +100,13 @@ def init_heads_by_probe(
         l2, cv = choose_l2(pairs, seed=seed)
     weights = element_weights[:, pairs.groups]  # (M, P)
     rows = [fit_probe(pairs, l2=l2, weights=None if bool((w == 1).all()) else w) for w in weights]
+    fitted = torch.stack(rows)  # (M, H) or (M, 2H)
+    extra = mean_head(model)
     with torch.no_grad():
-        head.weight.copy_(torch.stack(rows).to(head.weight))
+        size = head.weight.size(1)
+        head.weight.copy_(fitted[:, :size].to(head.weight))
+        if extra is not None:
+            extra.weight.copy_(fitted[:, size:].to(extra.weight))
         if getattr(head, "bias", None) is not None:
             head.bias.zero_()  # an offset cancels in every pair; the normalisation sets it later
     return {"l2": l2, "cv_loss": cv, "train_accuracy": pair_accuracy(rows[0], pairs) if len(rows) == 1 else None}
@@ -117,7 +131,7 @@ def freeze_lower_layers(model: Any, trainable_layers: int) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
     backbone, head = classifier_parts(model)
     layers = decoder_layers(model)
-    keep = set(map(id, head.parameters()))
+    keep = set(map(id, head.parameters())) | set(map(id, mean_head(model).parameters() if mean_head(model) else ()))
     for layer in list(layers)[len(layers) - trainable_layers :] if trainable_layers else []:
         keep |= set(map(id, layer.parameters()))
     for name in ("norm", "ln_f", "final_layer_norm"):
@@ -160,17 +174,25 @@ def single_head(model: Any, gains: torch.Tensor, biases: torch.Tensor) -> tuple[
     """Turn an M-head classifier into the one-label interchange model in place.
 
     The new head is Σ_m gain_m·w_m / M; with bias mean_m(bias_m) its normalised score is the mean
-    of the members' normalised scores. Returns the members (`scoring.Ensemble`) and that bias.
+    of the members' normalised scores (a mean head likewise: Σ_m gain_m·u_m / M). Returns the
+    members (`scoring.Ensemble`, weight_m = w_m, or [w_m ⊕ u_m] for ``last+mean``) and that bias.
     """
     _, head = classifier_parts(model)
-    weight = head.weight.detach().float().cpu().clone()  # (M, H)
-    mean_head = (gains[:, None].float() * weight).mean(0, keepdim=True)  # (1, H)
+    extra = mean_head(model)
+    parts = [head.weight.detach().float().cpu().clone()]  # (M, H)
+    if extra is not None:
+        parts.append(extra.weight.detach().float().cpu().clone())
+    weight = torch.cat(parts, 1)  # (M, H) or (M, 2H)
+    average = (gains[:, None].float() * weight).mean(0, keepdim=True)  # (1, H) or (1, 2H)
     plain = base_model(model)
-    new = torch.nn.Linear(weight.size(1), 1, bias=False).to(head.weight)
+    size = head.weight.size(1)
+    new = torch.nn.Linear(size, 1, bias=False).to(head.weight)
     with torch.no_grad():
-        new.weight.copy_(mean_head.to(new.weight))
+        new.weight.copy_(average[:, :size].to(new.weight))
     attr = "score" if getattr(plain, "score", None) is not None else "classifier"
     setattr(plain, attr, new)
+    if extra is not None:
+        add_mean_head(plain, average[:, size:])
     plain.config.num_labels = 1
     plain.num_labels = 1
     return Ensemble(weight, gains.float(), biases.float()), float(biases.float().mean())

@@ -26,8 +26,9 @@ Throughput counts real (non-pad) input tokens, of all ranks, per second of train
 and checkpoint time excluded).
 
 Precision: ``--dtype auto`` keeps the weights (and the optimizer) in float32 and turns on bfloat16
-autocast on a CUDA GPU that supports it; ``--bf16``/``--no-bf16`` forces autocast on or off on any
-device (CPU autocast works but is slower than float32 on most CPUs). ``--dtype bfloat16`` instead
+autocast where `rlhfkit.models.auto_dtype` says bf16 pays (a CUDA GPU that supports it, a CPU with
+AMX); ``--bf16``/``--no-bf16`` forces autocast on or off on any device (on a CPU without AMX bf16
+autocast is slower than float32). ``--dtype bfloat16`` instead
 trains bfloat16 weights directly (half the memory, lossy AdamW updates).
 """
 
@@ -37,7 +38,6 @@ import contextlib
 import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,17 +51,15 @@ from rlhfkit.demonstrations import Batch, DataStats, Example, collate, encode_da
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses import lm_loss, nll_sum
 from rlhfkit.models import (
-    ADAPTER_DIR,
     DTYPES,
-    RUN_FILES,
     apply_lora,
+    auto_dtype,
     base_model,
+    final_model,
     load_model,
     load_tokenizer,
-    merged,
     model_context,
     resolve_device,
-    save_adapter,
     save_model_dir,
 )
 from rlhfkit.provenance import RunInfo, to_jsonable
@@ -199,12 +197,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict[str, Any]:
-    from rlhfkit.console import console
-
-    def say(text: str) -> None:
-        if dist.is_main:
-            console.print(text, highlight=False, soft_wrap=True)  # soft wrap: paths stay whole for grep
-
+    say = dist.say  # rank 0 alone talks
     resolved = to_jsonable(config)
     # --batch-size is per process: a sharded checkpoint may continue on another number of processes with the same global batch
     resume_from = training.prepare_run_dir(config.out, config.resume, "sft", resolved, RESUME_MAY_CHANGE, dist,
@@ -226,7 +219,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     bf16 = (
         config.bf16
         if config.bf16 is not None
-        else (config.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        else (config.dtype == "auto" and auto_dtype(device) == torch.bfloat16)  # a bf16 GPU or an AMX CPU
     )
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--bf16: this GPU does not support bfloat16")
@@ -362,20 +355,11 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     summary |= {"perf/tokens_per_s": state["tokens"] / max(state["train_seconds"], 1e-9), "train/steps": state["step"],
                 "train/tokens": state["tokens"], "train/seconds": state["train_seconds"]}  # fmt: skip
     data_report = {"train": data.train_stats.as_dict(), **({"val": data.val_stats.as_dict()} if data.val_stats else {})}
-    final = training.gather_model(model, dist)  # FSDP: the full weights, gathered to rank 0 (every rank takes part)
+    saved = training.gather_model(model, dist)  # FSDP: the full weights, gathered to rank 0 (every rank takes part)
     if dist.is_main:
-        if config.lora and config.save_adapter:
-            save_adapter(final, Path(config.out) / ADAPTER_DIR)
+        final, keep = final_model(saved, config.out, lora=config.lora, adapter=config.save_adapter)  # merged; OUT/adapter/
         extra = {"data": data_report, "precision": {"weights": str(weights_dtype).removeprefix("torch."), "bf16_autocast": bf16}}
-        save_model_dir(
-            merged(final) if config.lora else final,
-            tokenizer,
-            config.out,
-            info,
-            summary,
-            extra=extra,
-            keep=(*RUN_FILES, ADAPTER_DIR),
-        )
+        save_model_dir(final, tokenizer, config.out, info, summary, extra=extra, keep=keep)
         say(f"wrote {config.out}")
     training.barrier(dist)
     return {"out": str(config.out), **summary, "data": data_report}

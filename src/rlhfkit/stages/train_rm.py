@@ -79,7 +79,7 @@ from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.losses import bradley_terry_loss
 from rlhfkit.probe import bootstrap_weights
 from rlhfkit.provenance import RunInfo
-from rlhfkit.scoring import classifier_parts, last_token_scores
+from rlhfkit.scoring import add_mean_head, classifier_parts, last_token_scores, mean_head, pop_mean_head, save_mean_head
 from rlhfkit.stages import preference_data, rm_head
 from rlhfkit.stats import wilson_interval
 
@@ -105,8 +105,8 @@ class RewardScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return last_token_scores(self.model, input_ids, attention_mask)  # (N,)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        return last_token_scores(self.model, input_ids, attention_mask, starts)  # (N,)
 
 
 def pair_loss(
@@ -198,13 +198,14 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
             f"no training pair left ({train_stats.dropped_too_long} longer than --max-length {config.max_length})",
         )
     # the completions that set the normalisation: --norm-samples, or the distinct training ones
+    # (ids, first completion position) of each, the position for --pooling last+mean
     if reference is not None:
-        norm_sequences = [encode(p, c, stopped=s) for p, c, s in reference]
+        norm_rows = [(encode(p, c, stopped=s), encode.start(p)) for p, c, s in reference]
     else:
-        norm_sequences = list(dict.fromkeys(seq for e in train for seq in e.sequences))
-    norm_too_long = sum(len(s) > config.max_length for s in norm_sequences)
-    norm_sequences = [s for s in norm_sequences if len(s) <= config.max_length]
-    if not norm_sequences:
+        norm_rows = list(dict.fromkeys(row for e in train for row in zip(e.sequences, e.starts)))
+    norm_too_long = sum(len(s) > config.max_length for s, _ in norm_rows)
+    norm_rows = [(s, start) for s, start in norm_rows if len(s) <= config.max_length]
+    if not norm_rows:
         raise DataError(config.norm_samples, None, None, f"no completion within --max-length {config.max_length} to normalise on")
     dropped = train_stats.dropped_too_long + val_stats.dropped_too_long
     if dropped:
@@ -224,6 +225,8 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         num_labels=config.ensemble,
     )  # fmt: skip
     models.disable_dropout(model)
+    if config.pooling == "last+mean":
+        add_mean_head(model)  # zeros until the probe fits it
     amp_dtype = None if dtype == torch.float32 else dtype
     autocast: Callable[[], AbstractContextManager] = (
         (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -243,6 +246,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     if config.trainable_layers > 0:
         say(f"training the top {config.trainable_layers} layer(s), the final norm and the head: {trainable:,} parameters")
     if config.lora:
+        mean_weight = pop_mean_head(model)  # kept out of peft's reach ("all-linear" would wrap it), added back trainable
         model = models.apply_lora(
             model,
             r=config.lora_r,
@@ -251,6 +255,8 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
             target_modules=config.lora_target_modules,
             kind="reward",
         )
+        if mean_weight is not None:
+            add_mean_head(model, mean_weight)
     model.train()
     if config.early_stopping and config.strategy == "fsdp" and dist.enabled:
         raise ConfigError("--early-stopping: not with --strategy fsdp on several processes yet (use --strategy ddp)")
@@ -269,8 +275,10 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     eval_every = config.eval_every or (max(1, steps_per_epoch // 2) if config.early_stopping else 0)
     if config.trainable_layers == 0:  # the probe alone: there is nothing left to train
         total_steps = 0
-    _, head = classifier_parts(training.unwrap(model) if not config.lora else model)
-    lr_of = {id(p): config.head_lr for p in head.parameters()} if config.head_lr else None
+    plain = training.unwrap(model) if not config.lora else model
+    _, head = classifier_parts(plain)
+    heads = [*head.parameters(), *(mean_head(plain).parameters() if mean_head(plain) is not None else ())]
+    lr_of = {id(p): config.head_lr for p in heads} if config.head_lr else None
     optimizer = training.make_optimizer(model, config.lr, config.weight_decay, lr_of=lr_of)
     scheduler = training.make_scheduler(optimizer, config.schedule, config.warmup_steps, total_steps)
     schedulers: dict[str, Any] = {"model": scheduler, **({"grad_scaler": scaler} if scaler else {})}
@@ -319,19 +327,13 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
 
     # 5. train
     pairs_done, tokens_done, train_seconds = 0, 0, 0.0
-    last: dict[str, float] = {}  # the newest training metrics line (a resumed run starts from the file's)
-    for row in training.read_metrics(out) if resume_from is not None else []:
-        if "loss/train" in row:
-            last = row
+    last = training.last_metrics(out) if resume_from is not None else {}  # the newest training metrics line
     window: list[dict[str, torch.Tensor]] = []  # the steps since the last metrics line
-    orders: dict[int, list[list[int]]] = {}
+    step_batches = preference_data.StepBatches(len(train), dist, config.batch_size, config.grad_accum, config.seed)
     saved_at = step if resume_from is not None else -1
     with progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main) as bar:
         while step < total_steps:
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: preference_data.epoch_batches(len(train), dist, config.batch_size, config.seed, epoch)}
-            micro = orders[epoch][index * config.grad_accum : (index + 1) * config.grad_accum]
+            micro = step_batches(step)
             started = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
             for j, chunk in enumerate(micro):
@@ -339,7 +341,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
                 batch = rm_data.collate(elements, tokenizer.pad_token_id).to(device)
                 with training.no_sync(scorer, skip=j < len(micro) - 1):
                     with autocast():
-                        rewards = scorer(batch.input_ids, batch.attention_mask)  # (N,)
+                        rewards = scorer(batch.input_ids, batch.attention_mask, batch.starts)  # (N,)
                     weights = rm_head.pair_weights(element_weights, chunk, elements).to(device) if config.ensemble > 1 else None
                     loss, stats = pair_loss(rewards.float(), batch, use_margin=config.use_margin,
                                             center_rewards_coef=config.center_rewards_coef, weights=weights)  # fmt: skip
@@ -399,7 +401,8 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     with training.gathered(model):
         norm = reward_normalization(
             model,
-            norm_sequences,
+            [s for s, _ in norm_rows],
+            [start for _, start in norm_rows],
             batch_size=config.eval_batch_size,
             pad_token_id=tokenizer.pad_token_id,
             device=device,
@@ -431,19 +434,24 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     }
     saved = training.gather_model(training.unwrap(model), dist)  # FSDP: the full weights on rank 0 (every rank takes part)
     if dist.is_main:
-        final = models.merged(saved) if config.lora else saved
+        final, keep = models.final_model(saved, out, lora=config.lora, adapter=config.save_adapter)
         final.config.pad_token_id = export_pad_token_id(tokenizer, final.config)
-        ensemble = None
+        ensemble, mean_weight = None, None
         if config.ensemble > 1:  # members' gain/bias -> one mean head; the members beside it
             gains, biases = torch.tensor(norm.pop("member_gain")), torch.tensor(norm.pop("member_bias"))
             ensemble, norm["bias"] = rm_head.single_head(final, gains, biases)
             norm.update(gain=1.0, members=config.ensemble)
-        keep = models.RUN_FILES
-        if config.save_adapter:
-            models.save_adapter(saved, out / models.ADAPTER_DIR)
-            keep = (*keep, models.ADAPTER_DIR)
-        models.save_model_dir(final, tokenizer, out, info, summary, extra={"reward": norm}, keep=keep,
-                              write_extra=None if ensemble is None else ensemble.save)  # fmt: skip
+        mean_weight = pop_mean_head(final)  # beside the interchange model, not in it
+        if mean_weight is not None:
+            norm["pooling"] = config.pooling
+
+        def write_extra(directory: Path) -> None:
+            if ensemble is not None:
+                ensemble.save(directory)
+            if mean_weight is not None:
+                save_mean_head(mean_weight, directory)
+
+        models.save_model_dir(final, tokenizer, out, info, summary, extra={"reward": norm}, keep=keep, write_extra=write_extra)
         accuracy = f"held-out {describe_accuracy(evaluation)}, " if evaluation else "no held-out set, "
         say(f"reward model saved to {out}: {accuracy}reward normalised with gain {norm['gain']:.4g}, bias {norm['bias']:.4g}")
     training.barrier(dist)
@@ -485,7 +493,7 @@ def evaluate(
         chunk = mine[i : i + batch_size]
         batch = rm_data.collate(chunk, pad_token_id).to(device)
         with autocast():
-            rewards = last_token_scores(model, batch.input_ids, batch.attention_mask).float()  # (N,)
+            rewards = last_token_scores(model, batch.input_ids, batch.attention_mask, batch.starts).float()  # (N,)
         loss, stats = pair_loss(rewards, batch, use_margin=use_margin)
         p = sum(e.num_pairs for e in chunk)  # counted on the host
         o = p - sum(sum(e.ties) for e in chunk)
@@ -501,6 +509,7 @@ def evaluate(
 def raw_rewards(
     model: Any,
     sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
     *,
     batch_size: int,
     pad_token_id: int,
@@ -508,7 +517,8 @@ def raw_rewards(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
     """Raw rewards of token sequences, (N,) float32 on the CPU ((N, M) for an ensemble), in the given
-    order. Batches are formed by length to waste little on padding."""
+    order; ``starts`` (N) are their completions' first positions. Batches are formed by length to
+    waste little on padding."""
     from rlhfkit.generation import right_pad
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -516,8 +526,9 @@ def raw_rewards(
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         ids, mask = right_pad([sequences[r] for r in rows], pad_token_id, device)
+        first = torch.tensor([starts[r] for r in rows], device=device)
         with autocast():
-            scores = last_token_scores(model, ids, mask).float().cpu()  # (b,) or (b, M)
+            scores = last_token_scores(model, ids, mask, first).float().cpu()  # (b,) or (b, M)
         if out is None:
             out = torch.empty(len(sequences), *scores.shape[1:], dtype=torch.float32)
         out[rows] = scores
@@ -527,6 +538,7 @@ def raw_rewards(
 def reward_normalization(
     model: Any,
     sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
     *,
     batch_size: int,
     pad_token_id: int,
@@ -543,9 +555,11 @@ def reward_normalization(
     An ensemble's members are normalised one by one (``member_gain``, ``member_bias``); the other
     keys then describe the mean head Σ_m gain_m·raw_m / M that `rm_head.single_head` saves.
     """
+    rows = training.shard(list(zip(sequences, starts)), dist)
     rewards = raw_rewards(
-        model, training.shard(sequences, dist), batch_size=batch_size, pad_token_id=pad_token_id, device=device, autocast=autocast
-    ).double()
+        model, [seq for seq, _ in rows], [start for _, start in rows], batch_size=batch_size, pad_token_id=pad_token_id,
+        device=device, autocast=autocast,
+    ).double()  # fmt: skip
     if rewards.ndim == 1:
         return _gain_bias(rewards, device, dist)
     members = [_gain_bias(column, device, dist) for column in rewards.unbind(-1)]
