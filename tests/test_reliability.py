@@ -410,7 +410,7 @@ def test_rlhfkit_json_numbers_and_garbage_are_errors_at_file_line(cli, classifie
     for name in ("ppo", "eval"):
         args = set_option(command(name, tiny_llama_dir, files, tmp_path / "out"), "--rm", rm)
         assert one_line(cli(*args)).startswith(f"{rm / 'rlhfkit.json'}:{line}: {expected}"), name
-        assert not (tmp_path / "out").exists()
+        assert not (tmp_path / "out").exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))
 
 
 # --- 3. inputs are what they claim: one line each ---------------------------------------------------
@@ -640,7 +640,7 @@ def test_sft_refuses_examples_longer_than_the_context(cli, tiny_llama_dir, files
     assert error.startswith("--max-length 1024: the longest example is ") and error.endswith(
         "(512); give --max-length 512 or less"
     )
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))
     if not packing:  # validate --model runs the same check
         assert (
             one_line(cli("validate", long, "--kind", "demonstrations", "--model", tiny_llama_dir, "--max-length", 1024)) == error
@@ -750,7 +750,7 @@ def test_a_reward_that_exits_on_import_is_one_line_and_leaves_nothing(cli, tiny_
     script.write_text("import sys\nsys.exit(3)\n")
     args = set_option(command("ppo", tiny_llama_dir, files, tmp_path / "out"), "--rm", f"python:{script}:f")
     assert one_line(cli(*args)).endswith("called sys.exit(3)")  # not a silent exit code 3
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))
 
 
 JUDGES = {
@@ -1235,7 +1235,35 @@ def test_a_failure_on_one_rank_ends_every_rank_with_a_message(tiny_llama_dir, fi
         else:
             assert errors[0].startswith(f"error: rank {other}: "), errors  # another rank stopped, or torchrun ended it
     assert seconds < 120, seconds
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists(), sorted(str(p) for p in (tmp_path / "out").rglob("*"))
+
+
+def test_torchruns_sigterm_during_the_clean_up_of_a_failed_rank_does_not_cut_it_short(tmp_path, monkeypatch):
+    """torchrun sends SIGTERM to every rank once one fails; a rank already cleaning up its --out
+    finishes, and reports its own error (CI once found a half-removed OUT this way)."""
+    import os
+    import signal
+
+    from rlhfkit import training
+
+    monkeypatch.setattr(training, "init_distributed", lambda device: training.Dist(rank=0, world_size=2))
+    real_discard = training.discard_failed_run
+
+    def discard_under_sigterm(out, existed):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the middle of the clean-up
+        real_discard(out, existed)
+
+    monkeypatch.setattr(training, "discard_failed_run", discard_under_sigterm)
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match="bad input"):
+        with training.distributed_run(torch.device("cpu")) as dist:
+            training.prepare_run_dir(out, False, "ppo", {}, dist=dist)
+            training.MetricsLog(out, dist)
+            assert (out / "metrics.jsonl").exists()
+            raise ValueError("bad input")
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_every_training_stage_shares_the_teardown_and_the_finite_guard():

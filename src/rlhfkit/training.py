@@ -129,7 +129,8 @@ def distributed_run(device: torch.device) -> Iterator[Dist]:
     rank stuck in another collective), so the other ranks' collectives fail within seconds and
     torchrun ends them; a rank that loses its peers this way reports one line saying so, the rank
     that failed reports why. And a run that failed before its first checkpoint leaves nothing in
-    ``--out`` (`discard_failed_run`), so that the corrected command just runs again.
+    ``--out`` (`discard_failed_run`), so that the corrected command just runs again. Once a rank
+    is failing, the SIGTERM with which torchrun ends it is ignored until that clean-up is done.
     """
     dist = init_distributed(device)
     start = len(_claimed)
@@ -137,6 +138,8 @@ def distributed_run(device: torch.device) -> Iterator[Dist]:
     try:
         yield dist
     except BaseException as e:
+        if previous is not None:  # already stopping: torchrun's SIGTERM must not cut the clean-up short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if dist.enabled and tdist.is_initialized():
             with contextlib.suppress(Exception):
                 tdist.destroy_process_group()
