@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tiny models gain nothing from intra-op threads, and tests start subprocesses (CLI runs, torchrun
 # ranks) that would oversubscribe the cores; one thread each keeps the suite fast and predictable
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# --dtype auto computes in bf16 on CPUs where bf16 is faster (models.cpu_bf16_fast: AMX); the suite
+# --dtype auto computes in bf16 on CPUs where bf16 is faster (models.cpu_bf16_fast: AMX or AVX512-BF16); the suite
 # keeps float32 there so that its numbers do not depend on the machine (tests of the rule set it themselves)
 os.environ["RLHFKIT_CPU_BF16"] = "0"
 

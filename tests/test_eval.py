@@ -172,6 +172,8 @@ def test_rm_win_rate_and_kl_recomputed_from_samples(report):
         same = by_policy(sample, "same")
         for j in (0, 1):  # the baseline's weights under another name: the same completions
             assert _without(same[j], "id", "policy") == _without(base[j], "id", "policy")
+        for j in (0, 1):  # best-of-n's answers carry no log-prob: the base model's is not best-of-n's
+            assert by_policy(sample, "best-of-3")[j]["logprob"] is None and isinstance(base[j]["logprob"], float)
     expected = win_rate(outcomes)
     assert r["policies"][1]["win_rate"]["rm"] == expected
     kls = [c["kl"] for s in samples.values() for c in s["completions"] if c["policy"] == "other"]

@@ -27,7 +27,7 @@ def test_device_and_dtype():
 
 
 def test_auto_dtype_follows_fast_cpu_bf16(monkeypatch):
-    """--dtype auto: bf16 on a CPU where bf16 is faster (AMX), float32 on others (conftest pins the
+    """--dtype auto: bf16 on a CPU where bf16 is faster (AMX, AVX512-BF16), float32 on others (conftest pins the
     detection to 0 for the suite); the override takes only 0 or 1; MPS stays float32."""
     cpu = torch.device("cpu")
     monkeypatch.setenv(models.CPU_BF16_ENV, "1")
@@ -43,7 +43,7 @@ def test_auto_dtype_follows_fast_cpu_bf16(monkeypatch):
     monkeypatch.delenv(models.CPU_BF16_ENV)
     if sys.platform == "linux" and platform.machine() == "x86_64":  # the detection agrees with the kernel's CPU flags
         flags = set(open("/proc/cpuinfo").read().split())
-        assert models.cpu_bf16_fast() == ("amx_bf16" in flags)
+        assert models.cpu_bf16_fast() == bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def test_load_errors(tmp_path):

@@ -83,7 +83,7 @@ class Lab:
         result = self.out / f"{rm.name}.agreement.json"
         if not result.is_file():
             run([self.python, str(HERE / "feasibility.py"), "rm", "--rm", str(rm), "--test",
-                 str(Path(self.args.run) / "test_samples.jsonl")], stdout=result)  # fmt: skip
+                 str(Path(self.args.run) / "test_samples.jsonl"), "--modes", "as_sampled"], stdout=result)  # fmt: skip
         measured = json.loads(result.read_text())
         return {**measured[str(rm)]["as_sampled"], "pairs": measured["test_strict_pairs"]}
 

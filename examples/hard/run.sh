@@ -74,7 +74,7 @@ stage "RM vs annotator on unseen topics: $K base-model answers per test prompt"
 [ -f "$RUN/test_collect.json" ] || $RLHFKIT collect --policy "base=$RUN/base" --prompts "$TEST_PROMPTS" --k "$K" \
   --out "$RUN/test_samples.jsonl" --max-new-tokens "$TOKENS" --temperature "$TEMPERATURE" --seed "$((SEED + 1))" \
   > "$RUN/test_collect.json"
-[ -f "$RUN/rm_agreement.json" ] || $PYTHON $HERE/feasibility.py rm --rm "$RUN/rm" --test "$RUN/test_samples.jsonl" > "$RUN/rm_agreement.json"
+[ -f "$RUN/rm_agreement.json" ] || $PYTHON $HERE/feasibility.py rm --rm "$RUN/rm" --test "$RUN/test_samples.jsonl" --modes as_sampled > "$RUN/rm_agreement.json"
 
 stage "ppo: against the reward model, KL to the base model"
 # shellcheck disable=SC2086

@@ -47,40 +47,41 @@ CPU_BF16_ENV = "RLHFKIT_CPU_BF16"  # 1/0 overrides the CPU detection of `cpu_bf1
 
 
 def cpu_bf16_fast() -> bool:
-    """Whether bfloat16 is faster than float32 on this CPU: x86 with AMX (Intel Sapphire Rapids and
-    later), whose tile units oneDNN uses for bf16 matmuls. Measured on SmolLM2-135M (README,
-    "Precision"): with AMX a training step runs 2.0x and decoding 1.9x float32's speed; with
-    AVX512-BF16 alone (oneDNN capped below AMX, as on Cooper Lake or AMD Zen 4) the training step is
-    1.5x slower than float32, and with plain AVX512 bf16 is emulated and 3x slower. Elsewhere
-    (AVX2, ARM, Apple) float32. ``RLHFKIT_CPU_BF16=1|0`` overrides the detection (the test suite
-    sets 0, so that its results do not depend on the machine).
+    """Whether bfloat16 is faster than float32 on this CPU: x86 with native bf16 dot products, AMX
+    (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4 and later; Intel Cooper Lake has it
+    too, not measured), which oneDNN uses for bf16 matmuls. Measured on SmolLM2-135M (README,
+    "Precision"), 2 threads: a training step under bf16 autocast runs 1.6x float32's speed with AMX
+    and 2.5x on an AMD EPYC with AVX512-BF16; decoding 1.75x (AMX, 1 thread) and 2.0x. Elsewhere (AVX2, plain AVX512 where bf16 is emulated, ARM,
+    Apple) float32. ``RLHFKIT_CPU_BF16=1|0`` overrides the detection (the test suite sets 0, so that
+    its results do not depend on the machine).
 
-    Example: a Sapphire Rapids Xeon (``amx_bf16`` in /proc/cpuinfo) → True; a Zen 4 or an AVX2
-    laptop → False.
+    Example: a Sapphire Rapids Xeon (``amx_bf16`` in /proc/cpuinfo) or a Zen 4 EPYC (``avx512_bf16``)
+    → True; an AVX2 laptop → False.
     """
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
     if forced:
         raise ConfigError(f"{CPU_BF16_ENV}: expected 0 or 1, got {forced!r}")
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's CPU feature check (CPUID and OS support)
-    if probe is not None:
-        return bool(probe())
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(probe is not None for probe in probes):  # torch's CPU feature checks (CPUID and OS support)
+        return any(bool(probe()) for probe in probes)
     try:  # older torch: the kernel's flags
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def auto_dtype(device: torch.device) -> torch.dtype:
     """What ``--dtype auto`` computes in — the one place this is decided: bfloat16 on a CUDA GPU
-    that supports it and on a CPU where bf16 is faster (`cpu_bf16_fast`: AMX), float32 elsewhere
+    that supports it and on a CPU where bf16 is faster (`cpu_bf16_fast`: AMX or AVX512-BF16), float32 elsewhere
     (MPS, other CPUs). Training stages keep float32 weights, optimizer state and losses and run the
     forward and backward under bf16 autocast; sampling stages (collect, eval, the reward model in
     ppo) load bf16 weights.
 
     Example: ``auto_dtype(torch.device("cpu"))`` → ``torch.bfloat16`` on a Sapphire Rapids Xeon,
-    ``torch.float32`` on an AVX2 CPU or with ``RLHFKIT_CPU_BF16=0``.
+    or a Zen 4 EPYC, ``torch.float32`` on an AVX2 CPU or with ``RLHFKIT_CPU_BF16=0``.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -91,7 +92,7 @@ def auto_dtype(device: torch.device) -> torch.dtype:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The ``--dtype`` option as a torch dtype; ``auto`` = `auto_dtype` (bf16 on a GPU that supports
-    it or an AMX CPU, float32 elsewhere)."""
+    it or a CPU with AMX or AVX512-BF16, float32 elsewhere)."""
     if name == "auto":
         return auto_dtype(device)
     if name not in DTYPES:

@@ -211,7 +211,8 @@ class Sampler:
         seeds = [
             row_seed(self.config.seed, self.items[i].id, j, "best-of", k, scheme="sha63") for i, j in self.rows for k in range(n)
         ]
-        samples = self._generate(player.name, model, tokenizer, index, seeds, kl=False, same_vocab=True)
+        # no log-prob forward: the base model's log-prob of an answer is not best-of-n's (which selects)
+        samples = self._generate(player.name, model, tokenizer, index, seeds, kl=False, same_vocab=True, logprob=False)
         player.completions, player.best_of_scores = [], []
         for r in range(len(self.rows)):
             group = samples[r * n : (r + 1) * n]
@@ -222,11 +223,14 @@ class Sampler:
             player.completions.append(chosen)
 
     def _generate(
-        self, name: str, model: Any, tokenizer: Any, prompt_index: list[int], seeds: list[int], *, kl: bool, same_vocab: bool
+        self, name: str, model: Any, tokenizer: Any, prompt_index: list[int], seeds: list[int], *, kl: bool, same_vocab: bool,
+        logprob: bool = True,
     ) -> list[dict[str, Any]]:
         """Sample one completion per entry of ``prompt_index`` (with its seed) in batches; return
         ``{text, finish_reason, num_tokens, logprob, score, kl}`` per entry. ``same_vocab``: the
-        token ids are the baseline's vocabulary (the reward model may score them directly)."""
+        token ids are the baseline's vocabulary (the reward model may score them directly).
+        ``logprob=False`` skips the forward pass that measures each completion's log-prob (and KL):
+        both are None then."""
         from rlhfkit.chat import encode_prompt
         from rlhfkit.console import progress_bar
         from rlhfkit.generation import policy_logprobs, sample
@@ -256,13 +260,15 @@ class Sampler:
                 self.tokens += sum(lengths)
                 texts = [rollout.completion_text(b, tokenizer, stop_ids) for b in range(len(batch))]
                 args = (rollout.query, rollout.query_mask, rollout.response, rollout.response_mask)
-                logprobs = policy_logprobs(model, *args, self.kl_temperature)[0]  # (B, T)
-                logprob = logprobs.sum(1).tolist()
+                sums: list[float | None] = [None] * len(batch)
                 kls: list[float | None] = [None] * len(batch)
-                if kl:
+                if logprob:
+                    logprobs = policy_logprobs(model, *args, self.kl_temperature)[0]  # (B, T)
+                    sums = logprobs.sum(1).tolist()
+                if kl and logprob:
                     ref_logprobs = policy_logprobs(self.base_model, *args, self.kl_temperature)[0]
                     kls = (kl_estimate(logprobs, ref_logprobs, "k1") * rollout.response_mask).sum(1).tolist()  # (B,) per sequence
-                elif model is self.base_model:
+                elif model is self.base_model and logprob:
                     kls = [0.0] * len(batch)
                 scores: list[float | None] = [None] * len(batch)
                 if self.reward is not None:
@@ -279,7 +285,7 @@ class Sampler:
                             "text": texts[b],
                             "finish_reason": "stop" if stopped[b] else "length",
                             "num_tokens": int(lengths[b]),
-                            "logprob": float(logprob[b]),
+                            "logprob": sums[b],
                             "score": scores[b],
                             "kl": kls[b],
                         }

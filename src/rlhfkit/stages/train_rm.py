@@ -331,7 +331,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     window: list[dict[str, torch.Tensor]] = []  # the steps since the last metrics line
     step_batches = preference_data.StepBatches(len(train), dist, config.batch_size, config.grad_accum, config.seed)
     saved_at = step if resume_from is not None else -1
-    with progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main) as bar:
+    with progress_bar(STAGE, total=total_steps, completed=step, enabled=dist.is_main and total_steps > 0) as bar:
         while step < total_steps:
             micro = step_batches(step)
             started = time.perf_counter()
