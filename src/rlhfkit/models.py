@@ -51,9 +51,9 @@ def cpu_bf16_fast() -> bool:
     (Intel Sapphire Rapids and later) or AVX512-BF16 (AMD Zen 4 and later; Intel Cooper Lake has it
     too, not measured), which oneDNN uses for bf16 matmuls. Measured on SmolLM2-135M (README,
     "Precision"), 2 threads: a training step under bf16 autocast runs 1.6x float32's speed with AMX
-    and 2.5x on an AMD EPYC with AVX512-BF16; decoding 1.75x (AMX, 1 thread) and 2.0x. Elsewhere (AVX2, plain AVX512 where bf16 is emulated, ARM,
-    Apple) float32. ``RLHFKIT_CPU_BF16=1|0`` overrides the detection (the test suite sets 0, so that
-    its results do not depend on the machine).
+    and 2.5x on an AMD EPYC with AVX512-BF16; decoding 1.75x (AMX, 1 thread) and 2.0x. Elsewhere
+    (AVX2, plain AVX512 where bf16 is emulated, ARM, Apple) float32. ``RLHFKIT_CPU_BF16=1|0``
+    overrides the detection (the test suite sets 0, so that its results do not depend on the machine).
 
     Example: a Sapphire Rapids Xeon (``amx_bf16`` in /proc/cpuinfo) or a Zen 4 EPYC (``avx512_bf16``)
     → True; an AVX2 laptop → False.

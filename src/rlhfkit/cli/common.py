@@ -144,7 +144,9 @@ ConfigOption = Annotated[
 SeedOption = Annotated[int, option("Random seed (data order, sampling, initialisation).", GENERAL)]
 DeviceOption = Annotated[Device, option("auto = CUDA if present, else CPU.", GENERAL)]
 DTypeOption = Annotated[
-    DType, option("auto = bfloat16 on a GPU that supports it or a CPU with AMX (where bf16 is faster), else float32.", GENERAL)
+    DType,
+    option("auto = bfloat16 on a GPU that supports it or a CPU with AMX or AVX512-BF16 (bf16 is faster there), else float32.",
+           GENERAL),
 ]
 SkipInvalidOption = Annotated[bool, option("Skip and count invalid records instead of stopping.", GENERAL)]
 TrustRemoteCodeOption = Annotated[bool, option("Allow model code from the model's directory or hub repo.", GENERAL)]

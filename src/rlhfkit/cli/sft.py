@@ -92,7 +92,7 @@ def command(
         Optional[bool],
         option(
             "bfloat16 autocast with float32 weights. Default: on with --dtype auto on a GPU that supports "
-            "it or a CPU with AMX, off elsewhere. "
+            "it or a CPU with AMX or AVX512-BF16, off elsewhere. "
             "(--dtype bfloat16 trains bfloat16 weights instead.)",
             TRAINING_PANEL,
             "--bf16/--no-bf16",

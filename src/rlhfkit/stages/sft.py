@@ -27,8 +27,8 @@ and checkpoint time excluded).
 
 Precision: ``--dtype auto`` keeps the weights (and the optimizer) in float32 and turns on bfloat16
 autocast where `rlhfkit.models.auto_dtype` says bf16 pays (a CUDA GPU that supports it, a CPU with
-AMX); ``--bf16``/``--no-bf16`` forces autocast on or off on any device (on a CPU without AMX bf16
-autocast is slower than float32). ``--dtype bfloat16`` instead
+AMX or AVX512-BF16); ``--bf16``/``--no-bf16`` forces autocast on or off on any device (on a CPU
+without native bf16 dot products bf16 autocast is slower than float32). ``--dtype bfloat16`` instead
 trains bfloat16 weights directly (half the memory, lossy AdamW updates).
 """
 
@@ -219,7 +219,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     bf16 = (
         config.bf16
         if config.bf16 is not None
-        else (config.dtype == "auto" and auto_dtype(device) == torch.bfloat16)  # a bf16 GPU or an AMX CPU
+        else (config.dtype == "auto" and auto_dtype(device) == torch.bfloat16)  # a bf16 GPU, an AMX or AVX512-BF16 CPU
     )
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--bf16: this GPU does not support bfloat16")
