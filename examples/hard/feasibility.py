@@ -296,7 +296,7 @@ def cmd_rm(args: argparse.Namespace) -> dict:
         out[spec] = {}
         # "as sampled": a cut-off completion has no EOS, as ppo and eval score it; "all stopped": every
         # completion ends with EOS, as train-rm encoded comparisons before they carried finish_reason
-        for mode in args.modes.split(","):
+        for mode in args.modes:
             values = []
             for i in range(0, len(rows), args.batch_size):
                 chunk = rows[i : i + args.batch_size]
@@ -332,7 +332,7 @@ def main() -> None:
     p.add_argument("--rm", nargs="+", required=True)
     p.add_argument("--test", required=True)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--modes", default="as_sampled,all_stopped", choices=["as_sampled", "all_stopped", "as_sampled,all_stopped"],
+    p.add_argument("--modes", nargs="+", default=["as_sampled", "all_stopped"], choices=["as_sampled", "all_stopped"],
                    help="encodings to measure: as_sampled (as ppo and eval score), all_stopped (EOS on every answer)")
     for p in sub.choices.values():
         p.add_argument("--round-to", type=float, default=annotator.ROUND_TO, help="the annotator's rounding (ties)")

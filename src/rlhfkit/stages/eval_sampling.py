@@ -265,11 +265,11 @@ class Sampler:
                 if logprob:
                     logprobs = policy_logprobs(model, *args, self.kl_temperature)[0]  # (B, T)
                     sums = logprobs.sum(1).tolist()
-                if kl and logprob:
-                    ref_logprobs = policy_logprobs(self.base_model, *args, self.kl_temperature)[0]
-                    kls = (kl_estimate(logprobs, ref_logprobs, "k1") * rollout.response_mask).sum(1).tolist()  # (B,) per sequence
-                elif model is self.base_model and logprob:
-                    kls = [0.0] * len(batch)
+                    if kl:
+                        ref_logprobs = policy_logprobs(self.base_model, *args, self.kl_temperature)[0]
+                        kls = (kl_estimate(logprobs, ref_logprobs, "k1") * rollout.response_mask).sum(1).tolist()  # (B,)
+                    elif model is self.base_model:
+                        kls = [0.0] * len(batch)
                 scores: list[float | None] = [None] * len(batch)
                 if self.reward is not None:
                     prompts = [self.items[i].prompt for i in batch]
