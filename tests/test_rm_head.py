@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -168,3 +169,164 @@ def test_an_unknown_pooling_is_a_usage_error(cli, tmp_path, tiny_llama_dir):
 
 
 assert WORD  # the synthetic preference of test_train_rm
+
+
+# --- --depth: the reward model cut to its bottom layers ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_layer_dirs(tmp_path_factory):
+    from rlhfkit.testing import save_tiny_model
+
+    root = tmp_path_factory.mktemp("deep")
+    return {arch: save_tiny_model(root / arch, arch=arch, num_hidden_layers=4) for arch in ("llama", "gpt2")}
+
+
+def _elements(model_dir, data):
+    from rlhfkit.data import records
+
+    tokenizer = models.load_tokenizer(str(model_dir))
+    elements, _ = rm_data.build_elements(records.load(str(data), records.parse_comparison), rm_data.Encoder(tokenizer), 1024)
+    return tokenizer, elements
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("pooling", ["last", "last+mean"])
+def test_depth_features_are_what_the_cut_model_reads(tmp_path, four_layer_dirs, arch, pooling):
+    """One forward pass gives, for every depth d, exactly the features of the model truncated to d layers."""
+    from rlhfkit.scoring import add_mean_head
+
+    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(6))
+    tokenizer, elements = _elements(four_layer_dirs[arch], data)
+    read = {"batch_size": 5, "pad_token_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
+
+    def load():
+        model = models.load_model(str(four_layer_dirs[arch]), kind="reward").eval()
+        if pooling == "last+mean":
+            add_mean_head(model)
+        return model
+
+    by_depth = rm_head.depth_features(load(), elements, mean=pooling == "last+mean", **read)
+    assert len(by_depth) == 4
+    for d, got in enumerate(by_depth, start=1):
+        cut = load()
+        rm_head.truncate(cut, d)
+        assert len(rm_head.decoder_layers(cut)) == d and cut.config.num_hidden_layers == d
+        expected = rm_head.pair_features(cut, elements, **read)
+        assert got.features.shape == expected.features.shape == (expected.features.size(0), 64 * (2 if pooling == "last+mean" else 1))
+        torch.testing.assert_close(got.features, expected.features, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.winners, expected.winners) and torch.equal(got.groups, expected.groups)
+    assert not torch.allclose(by_depth[0].features, by_depth[-1].features)
+
+
+def test_choose_depth_takes_the_lowest_cross_validated_loss():
+    """Depth 2 carries the preference, depths 1 and 3 are noise: the probe's CV loss picks 2; equal
+    losses go to the deeper model."""
+    from rlhfkit.probe import PairFeatures
+
+    g = torch.Generator().manual_seed(0)
+    n_groups, per = 30, 4
+    quality = torch.randn(n_groups * per, generator=g)
+    winners, losers, groups = [], [], []
+    for grp in range(n_groups):
+        rows = list(range(grp * per, grp * per + per))
+        for a in rows:
+            for b in rows:
+                if quality[a] > quality[b]:
+                    winners.append(a), losers.append(b), groups.append(grp)
+    noise = torch.randn(quality.numel(), 3, generator=g)
+
+    def pairs(features):
+        return PairFeatures(features, torch.tensor(winners), torch.tensor(losers), torch.zeros(len(winners), dtype=torch.bool),
+                            torch.tensor(groups))  # fmt: skip
+
+    signal = torch.cat([quality[:, None], noise[:, :2]], 1)
+    by_depth = [pairs(noise), pairs(signal), pairs(torch.randn(quality.numel(), 3, generator=g))]
+    depth, l2, losses = rm_head.choose_depth(by_depth, l2=None, seed=0)
+    assert depth == 2 and set(losses) == {1, 2, 3}
+    assert losses[2] == min(losses.values()) and losses[2] < 0.5 < min(losses[1], losses[3])
+    assert l2 == choose_l2(by_depth[1], seed=0)[0]
+    same = [pairs(signal), pairs(signal)]
+    assert rm_head.choose_depth(same, l2=1.0, seed=0)[0] == 2  # a tie: the deeper one
+
+
+def test_depth_auto_saves_a_cut_model_that_loads_anywhere(tmp_path, four_layer_dirs):
+    """--depth auto --trainable-layers 0: the saved reward model has the chosen number of layers, its
+    weights are the base model's bottom ones, plain transformers loads it, and rlhfkit scores with it."""
+    import transformers
+
+    base_dir = four_layer_dirs["llama"]
+    rows = preference_data(30)
+    data = write_jsonl(tmp_path / "cmp.jsonl", rows)
+    chosen = train_rm.run(config(base_dir, data, tmp_path / "auto", val_fraction=0.0, trainable_layers=0, depth="auto",
+                                 pooling="last+mean"))  # fmt: skip
+    assert 1 <= chosen["depth"] <= 4 and chosen["metrics"]["rm/depth"] == chosen["depth"]
+    assert models.load_model(str(tmp_path / "auto"), kind="reward").config.num_hidden_layers == chosen["depth"]
+
+    result = train_rm.run(config(base_dir, data, tmp_path / "rm", val_fraction=0.0, trainable_layers=0, depth="2",
+                                 pooling="last+mean"))  # fmt: skip
+    assert result["depth"] == 2
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"))
+    assert plain.config.num_hidden_layers == 2 and len(plain.model.layers) == 2
+    base = models.load_model(str(base_dir), kind="reward").state_dict()
+    for name, weight in plain.state_dict().items():
+        if not name.startswith("score"):
+            assert torch.equal(weight, base[name]), name
+    reward = load_reward(str(tmp_path / "rm"), models.load_tokenizer(str(base_dir)))
+    assert len(rm_head.decoder_layers(reward.model)) == 2
+    chosen_scores = reward.raw_scores([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected_scores = reward.raw_scores([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert (chosen_scores > rejected_scores).float().mean() > 0.9  # the cut model ranks what its probe learnt
+
+
+def test_depth_auto_resumes_at_the_depth_it_chose(tmp_path, four_layer_dirs, monkeypatch):
+    """A resumed --depth auto run cuts the model where the interrupted run did (its checkpoint's
+    state), and ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    base_dir = four_layer_dirs["llama"]
+    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(12))
+    options = dict(val_fraction=0.0, depth="auto", trainable_layers=1, batch_size=2, epochs=2, lr=1e-3, save_every=1)
+    chosen = []
+
+    def shallow(by_depth, *, l2, seed):  # the choice is forced to 1 layer so that "all" would differ
+        chosen.append(len(by_depth))
+        return 1, 1.0, {d: 0.5 for d in range(1, len(by_depth) + 1)}
+
+    monkeypatch.setattr(rm_head, "choose_depth", shallow)
+    run = tmp_path / "run"
+    full = train_rm.run(config(base_dir, data, run, keep_checkpoints=0, **options))
+    assert full["depth"] == 1 and chosen == [4] and full["steps"] > 3
+    shutil.copytree(run, tmp_path / "full")
+    # the run as a SIGKILL after step 3 leaves it: that checkpoint, the metrics, no final model
+    for path in run.iterdir():
+        if path.name not in ("checkpoints", "metrics.jsonl"):
+            path.unlink()
+    for path in (run / "checkpoints").iterdir():
+        if path.name != "step-000003":
+            shutil.rmtree(path)
+    resumed = train_rm.run(config(base_dir, data, run, resume=True, keep_checkpoints=0, **options))
+    assert chosen == [4]  # not chosen again: the depth came from the checkpoint
+    assert resumed["depth"] == 1 and resumed["steps"] == full["steps"]
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert a.keys() == b.keys() and not any(".layers.1." in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--depth", "0"], "--depth 0: expected all, auto or a number of layers"),
+        (["--depth", "deep"], "--depth deep: expected all, auto or a number of layers"),
+        (["--depth", "auto", "--head-init", "random"], "--depth auto chooses the layer by the probe"),
+        (["--depth", "3"], "--depth 3:"),
+    ],
+)
+def test_depth_option_errors(cli, tmp_path, tiny_llama_dir, args, message):
+    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(4))
+    result = cli("train-rm", "--model", tiny_llama_dir, "--data", data, "--out", tmp_path / "rm", "--device", "cpu", *args)
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+    if args == ["--depth", "3"]:
+        assert "has 2 decoder layers" in result.stderr
+    assert not (tmp_path / "rm").exists()

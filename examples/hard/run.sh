@@ -28,8 +28,8 @@ TEST_PROMPTS=$DATA/test_prompts$EXT
 K=${K:-4}
 TOKENS=${TOKENS:-96}           # max new tokens everywhere (collect, ppo, eval)
 TEMPERATURE=${TEMPERATURE:-0.7}  # sampling temperature everywhere (at 1.0 SmolLM2-135M mostly writes nonsense)
-# the reward model: a probe on frozen last-token + completion-mean features (README table: what each choice bought)
-RM_OPTIONS=${RM_OPTIONS:---pooling last+mean --trainable-layers 0}
+# the reward model: a probe on frozen last-token + completion-mean features of 5 layers (README table: what each choice bought)
+RM_OPTIONS=${RM_OPTIONS:---pooling last+mean --feature-layers 5 --trainable-layers 0}
 PPO_STEPS=${PPO_STEPS:-12}
 PPO_BATCH=${PPO_BATCH:-16}
 PPO_LR=${PPO_LR:-1e-5}

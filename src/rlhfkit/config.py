@@ -432,6 +432,8 @@ class TrainRMConfig(TrainConfig):
     grad_accum: int = 1
     lr: float = 1e-5
     pooling: Pooling = "last"  # the head reads the last token's hidden state, or also the completion's mean one
+    feature_layers: int = 1  # the head reads the last layer and K-1 lower ones, evenly spaced (needs pooling last+mean)
+    depth: str = "all"  # keep the bottom N decoder layers ("all"; "auto" = N by the probe's cross-validated loss)
     head_init: HeadInit = "probe"  # fit the head on frozen features before fine-tuning (Kumar et al. 2022)
     probe_l2: float | None = None  # the probe's L2 penalty on standardised features (None = chosen by 5-fold CV)
     head_lr: float | None = None  # the score head's own learning rate (None = --lr)
@@ -466,6 +468,14 @@ class TrainRMConfig(TrainConfig):
         self.one_of("head_init", HeadInit)
         self.one_of("pooling", Pooling)
         self.at_least(-1, "trainable_layers")
+        self.depth = str(self.depth).strip().lower()
+        if self.depth not in ("all", "auto") and not (self.depth.isdigit() and int(self.depth) >= 1):
+            raise ConfigError(f"--depth {self.depth}: expected all, auto or a number of layers (1 or more)")
+        self.at_least(1, "feature_layers")
+        if self.feature_layers > 1 and self.pooling != "last+mean":
+            raise ConfigError("--feature-layers: reads [last ⊕ mean] of each layer; use it with --pooling last+mean")
+        if self.depth == "auto" and self.head_init != "probe":
+            raise ConfigError("--depth auto chooses the layer by the probe's cross-validated loss: use it with --head-init probe")
         if self.trainable_layers >= 0 and self.lora:
             raise ConfigError("--trainable-layers: not with --lora (LoRA already chooses what trains)")
         if self.trainable_layers == 0 and self.head_init != "probe":

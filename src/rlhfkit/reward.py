@@ -136,7 +136,7 @@ class ModelReward(Reward):
         """(B, H) pooled hidden states of prompt + completion (`scoring.pooled_hidden`: (B, 2H) for a
         ``last+mean`` model), in chunks of ``batch_size``."""
         from rlhfkit.generation import join, right_pad
-        from rlhfkit.scoring import mean_head, pooled_hidden
+        from rlhfkit.scoring import extra_width, mean_head, pooled_hidden
 
         if self.same_vocab and query is not None and response is not None:
             ids, mask = (x.to(self.device) for x in join(query, query_mask, response, response_mask))  # (B, P+T)
@@ -152,7 +152,7 @@ class ModelReward(Reward):
             rows = slice(start, start + self.batch_size)
             first, last = _used_columns(mask[rows])
             out.append(pooled_hidden(self.model, ids[rows, first:last], mask[rows, first:last], starts[rows] - first))
-        width = self.model.config.hidden_size * (1 if mean_head(self.model) is None else 2)
+        width = self.model.config.hidden_size + (extra_width(self.model) if mean_head(self.model) is not None else 0)
         return torch.cat(out) if out else torch.zeros(0, width, device=self.device)
 
 

@@ -39,6 +39,7 @@ from rlhfkit.models import base_model
 ENSEMBLE_FILE = "ensemble.safetensors"
 MEAN_HEAD_FILE = "mean_head.safetensors"
 MEAN_HEAD = "mean_score"  # the attribute holding the mean head on the classifier, while rlhfkit holds the model
+FEATURE_LAYERS = "rlhfkit_feature_layers"  # config.json: the lower layers a multi-layer reward model reads
 
 
 def classifier_parts(model: Any) -> tuple[Any, torch.nn.Module]:
@@ -62,14 +63,23 @@ def mean_head(model: Any) -> torch.nn.Linear | None:
 
 
 def add_mean_head(model: Any, weight: torch.Tensor | None = None) -> torch.nn.Linear:
-    """Give ``model`` (unwrapped or peft) a mean head of the score head's shape: zeros, or ``weight``."""
+    """Give ``model`` (unwrapped or peft) a mean head: ``weight``, or zeros as wide as the features
+    beyond the score head's (`extra_width`)."""
     _, head = classifier_parts(model)
-    out_features, in_features = head.weight.shape
+    out_features = head.weight.size(0)
+    in_features = extra_width(model) if weight is None else weight.size(1)
     layer = torch.nn.Linear(in_features, out_features, bias=False).to(head.weight)
     with torch.no_grad():
         layer.weight.copy_(torch.zeros_like(layer.weight) if weight is None else weight.to(layer.weight))
     setattr(base_model(model), MEAN_HEAD, layer)
     return layer
+
+
+def extra_width(model: Any) -> int:
+    """Width of what the mean head reads: the last layer's completion mean (H), and [last ⊕ mean]
+    of each lower layer a multi-layer model reads (2H each)."""
+    _, head = classifier_parts(model)
+    return head.weight.size(1) * (1 + 2 * len(feature_layers(model)))
 
 
 def pop_mean_head(model: Any) -> torch.Tensor | None:
@@ -97,8 +107,9 @@ def load_mean_head(model: Any, directory: str | Path) -> bool:
         return False
     weight = load_file(str(path))["weight"]
     _, head = classifier_parts(model)
-    if weight.shape != head.weight.shape:
-        raise ValueError(f"{path}: weight of shape {tuple(weight.shape)}, the score head's is {tuple(head.weight.shape)}")
+    expected = (head.weight.size(0), extra_width(model))
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"{path}: weight of shape {tuple(weight.shape)}, the model's features need {expected}")
     add_mean_head(model, weight)
     return True
 
@@ -107,18 +118,50 @@ def pooled_hidden(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: torch.Tensor | None = None
 ) -> torch.Tensor:
     """What the heads read: (B, H) last-token hidden states, or (B, 2H) [last ⊕ completion mean] for
-    a ``last+mean`` model (then ``starts`` (B,), each row's first completion position, is required).
+    a ``last+mean`` model (then ``starts`` (B,), each row's first completion position, is required),
+    followed for a multi-layer model (`feature_layers`) by [last ⊕ mean] of each lower layer read,
+    through the final norm: (B, 2H·K) for K layers.
 
     A row whose completion holds no real token (an empty completion cut off at once) uses its last
     token as the mean.
     """
     backbone, _ = classifier_parts(model)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).last_hidden_state  # (B, L, H)
+    lower = feature_layers(model)
+    out = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=bool(lower),
+    )  # fmt: skip
+    mean = mean_head(model) is not None
+    parts = [pool(out.last_hidden_state, attention_mask, starts, mean=mean)]  # (B, H) or (B, 2H)
+    norm = final_norm(model) if lower else None
+    for layer in lower:
+        hidden = out.hidden_states[layer]  # after block `layer` (hidden_states[0]: the embeddings)
+        parts.append(pool(norm(hidden) if norm is not None else hidden, attention_mask, starts, mean=True))
+    return torch.cat(parts, -1) if lower else parts[0]
+
+
+def feature_layers(model: Any) -> tuple[int, ...]:
+    """The lower decoder layers (1-based, below the last) whose features a multi-layer reward model
+    reads besides the last (`train-rm --feature-layers`; recorded in its config), or ()."""
+    return tuple(int(x) for x in getattr(base_model(model).config, FEATURE_LAYERS, None) or ())
+
+
+def final_norm(model: Any) -> torch.nn.Module | None:
+    """The norm after the last decoder block (Llama ``norm``, GPT-2 ``ln_f``), or None."""
+    backbone, _ = classifier_parts(model)
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        norm = getattr(backbone, name, None)
+        if isinstance(norm, torch.nn.Module):
+            return norm
+    return None
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, starts: torch.Tensor | None, *, mean: bool) -> torch.Tensor:
+    """(B, L, H) hidden states -> (B, H) at each row's last real token, or (B, 2H) [last ⊕ the mean
+    over the completion's real tokens] when ``mean`` (then ``starts`` (B,) is required)."""
     last_pos = last_index(attention_mask)  # (B,)
     last = hidden[torch.arange(hidden.size(0), device=hidden.device), last_pos]  # (B, H)
-    if mean_head(model) is None:
+    if not mean:
         return last
     if starts is None:
         raise ValueError("a last+mean reward model needs each row's completion start")
@@ -126,9 +169,9 @@ def pooled_hidden(
     completion = (positions >= starts.to(hidden.device)[:, None]) & (attention_mask != 0)  # (B, L)
     weights = completion.to(hidden.dtype)
     count = weights.sum(1, keepdim=True)  # (B, 1)
-    mean = (hidden * weights[..., None]).sum(1) / count.clamp_min(1)  # (B, H)
-    mean = torch.where(count > 0, mean, last)
-    return torch.cat([last, mean], -1)  # (B, 2H)
+    average = (hidden * weights[..., None]).sum(1) / count.clamp_min(1)  # (B, H)
+    average = torch.where(count > 0, average, last)
+    return torch.cat([last, average], -1)  # (B, 2H)
 
 
 def head_scores(model: Any, features: torch.Tensor) -> torch.Tensor:
@@ -137,7 +180,7 @@ def head_scores(model: Any, features: torch.Tensor) -> torch.Tensor:
     extra = mean_head(model)
     if extra is None:
         return head(features).squeeze(-1).float()
-    size = features.size(-1) // 2
+    size = head.weight.size(1)
     return (head(features[:, :size]) + extra(features[:, size:])).squeeze(-1).float()
 
 

@@ -78,15 +78,16 @@ def make_model(tokenizer: Any, arch: str = "llama", seed: int = 0, **overrides: 
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    layers = overrides.pop("num_hidden_layers", 2)
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             attention_dropout=0.1, tie_word_embeddings=True, **ids, **overrides,
         )  # fmt: skip
     elif arch == "gpt2":
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512, **ids, **overrides
+            vocab_size=len(tokenizer), n_embd=64, n_layer=layers, n_head=4, n_positions=512, **ids, **overrides
         )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r} (llama or gpt2)")

@@ -113,6 +113,23 @@ def command(
             HEAD_PANEL,
         ),
     ] = D.pooling,  # type: ignore[assignment]
+    feature_layers: Annotated[
+        int,
+        option(
+            "With --pooling last+mean: the head reads the features of K layers, the last and K−1 lower ones evenly "
+            "spaced (5 of 30: 6, 12, 18, 24, 30), each through the final norm; 1 = the last layer only.",
+            HEAD_PANEL,
+        ),
+    ] = D.feature_layers,
+    depth: Annotated[
+        str,
+        option(
+            "How many of the model's decoder layers the reward model keeps (the head reads the hidden state after the "
+            "last kept one): all; a number N; or auto, the N whose probe has the lowest cross-validated loss on the "
+            "training comparisons (fewer layers also score faster in ppo and eval).",
+            HEAD_PANEL,
+        ),
+    ] = D.depth,
     head_init: Annotated[
         HeadInit,
         option(

@@ -1,4 +1,5 @@
-"""train-rm's score head: what it starts from, what else trains with it, and how an ensemble is kept.
+"""train-rm's score head: what it reads, what it starts from, what else trains with it, and how an
+ensemble is kept.
 
 Four choices decide how well a reward model trained on a few hundred comparisons ranks the
 answers to prompts it has never seen (README, "the hard example", measures each):
@@ -6,6 +7,13 @@ answers to prompts it has never seen (README, "the hard example", measures each)
 0. **What the head reads** (``--pooling``): the last token's hidden state (``last``, the
    interchange format), or that and the mean hidden state over the completion (``last+mean``:
    a second, bias-free "mean head", `scoring.pooled_hidden`).
+   *From which layer* (``--depth``): a reward model cut to its bottom d decoder blocks (`truncate`;
+   the final norm and the head stay, and the saved model loads as a d-layer classifier). The top
+   blocks of a causal LM specialise in predicting the next token; features that rank whole answers
+   are often as good or better lower down (Skean et al. 2025, "Layer by Layer"), and a cut model
+   scores faster in ppo and eval. ``auto`` fits the probe at every depth from one forward pass
+   (`depth_features`) and keeps the depth with the lowest cross-validated loss over the rankings
+   (`choose_depth`): chosen on the training comparisons, never on held-out ones.
 1. **Probe initialisation** (``--head-init probe``, LP-FT, Kumar et al. 2022): the head is fitted
    on the frozen backbone's features by Bradley–Terry logistic regression
    (`rlhfkit.probe`) before any weight of the backbone moves. ``--head-init random`` keeps
@@ -26,6 +34,8 @@ answers to prompts it has never seen (README, "the hard example", measures each)
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -35,29 +45,17 @@ from typing import Any
 import torch
 
 from rlhfkit import rm_data
-from rlhfkit.generation import right_pad
+from rlhfkit.generation import position_ids_from_mask, right_pad
 from rlhfkit.models import base_model
-from rlhfkit.probe import PairFeatures, choose_l2, fit_probe, pair_accuracy
-from rlhfkit.scoring import Ensemble, add_mean_head, classifier_parts, mean_head, pooled_hidden
+from rlhfkit.probe import L2_GRID, PairFeatures, choose_l2, fit_probe, pair_accuracy
+from rlhfkit.scoring import FEATURE_LAYERS, Ensemble, add_mean_head, classifier_parts, final_norm, mean_head, pool, pooled_hidden
 from rlhfkit.training import trainable_state_dict
 
 
-@torch.no_grad()
-def pair_features(
-    model: Any,
-    elements: Sequence[rm_data.Element],
-    *,
-    batch_size: int,
-    pad_token_id: int,
-    device: torch.device,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-) -> PairFeatures:
-    """Frozen features of every distinct sequence of ``elements`` (what the heads read:
-    `scoring.pooled_hidden`) and their pairs.
-
-    A pair's group is the index of its element (one ranking), so folds and bootstrap resamples
-    keep the correlated pairs of a ranking together.
-    """
+def _distinct(elements: Sequence[rm_data.Element]) -> tuple[list[tuple[int, ...]], list[int], PairFeatures]:
+    """(distinct sequences, their completion starts, their pairs with placeholder features): a pair's
+    group is the index of its element (one ranking), so folds and bootstrap resamples keep the
+    correlated pairs of a ranking together."""
     sequences: dict[tuple[int, ...], int] = {}
     starts: dict[tuple[int, ...], int] = {}
     winners, losers, ties, groups = [], [], [], []
@@ -69,19 +67,125 @@ def pair_features(
         ties += list(element.ties or [False] * element.num_pairs)
         groups += [g] * element.num_pairs
     ordered = list(sequences)
-    order = sorted(range(len(ordered)), key=lambda i: len(ordered[i]))  # little padding per batch
+    pairs = PairFeatures(torch.empty(0), torch.tensor(winners), torch.tensor(losers), torch.tensor(ties), torch.tensor(groups))
+    return ordered, [starts.get(seq, 0) for seq in ordered], pairs
+
+
+@torch.no_grad()
+def _read_all(
+    read: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    sequences: list[tuple[int, ...]],
+    starts: list[int],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> torch.Tensor:
+    """``read(ids, mask, starts)`` of every sequence, batched by length (little padding), in float32 on the CPU."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     features: torch.Tensor | None = None
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, mask = right_pad([ordered[r] for r in rows], pad_token_id, device)
-        first = torch.tensor([starts[ordered[r]] for r in rows], device=device) if starts else None
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin : begin + batch_size]
+        ids, mask = right_pad([sequences[r] for r in rows], pad_token_id, device)
+        first = torch.tensor([starts[r] for r in rows], device=device)
         with autocast():
-            hidden = pooled_hidden(model, ids, mask, first).float().cpu()  # (b, H) or (b, 2H)
+            values = read(ids, mask, first).float().cpu()
         if features is None:
-            features = torch.empty(len(ordered), hidden.size(1))
-        features[rows] = hidden
+            features = torch.empty(len(sequences), *values.shape[1:])
+        features[rows] = values
     assert features is not None
-    return PairFeatures(features, torch.tensor(winners), torch.tensor(losers), torch.tensor(ties), torch.tensor(groups))
+    return features
+
+
+def pair_features(
+    model: Any,
+    elements: Sequence[rm_data.Element],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> PairFeatures:
+    """Frozen features of every distinct sequence of ``elements`` (what the heads read:
+    `scoring.pooled_hidden`, (N, H) or (N, 2H)) and their pairs."""
+    sequences, starts, pairs = _distinct(elements)
+    features = _read_all(
+        lambda ids, mask, first: pooled_hidden(model, ids, mask, first),
+        sequences, starts, batch_size=batch_size, pad_token_id=pad_token_id, device=device, autocast=autocast,
+    )  # fmt: skip
+    return dataclasses.replace(pairs, features=features)
+
+
+def depth_features(
+    model: Any,
+    elements: Sequence[rm_data.Element],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    mean: bool,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> list[PairFeatures]:
+    """`pair_features` of the model cut to each depth d = 1..L (`truncate`), from one forward pass:
+    the hidden state after block d through the final norm is what the cut model's head reads.
+    Returns L PairFeatures sharing their pairs."""
+    backbone, _ = classifier_parts(model)
+    norm, depth = final_norm(model), len(decoder_layers(model))
+
+    def read(ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        out = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True)
+        states = [norm(h) if norm is not None else h for h in out.hidden_states[1:depth]] + [out.last_hidden_state]
+        return torch.stack([pool(h, mask, first, mean=mean) for h in states], 1)  # (b, L, H or 2H)
+
+    sequences, starts, pairs = _distinct(elements)
+    features = _read_all(read, sequences, starts, batch_size=batch_size, pad_token_id=pad_token_id, device=device, autocast=autocast)
+    return [dataclasses.replace(pairs, features=features[:, d].contiguous()) for d in range(depth)]
+
+
+def choose_depth(by_depth: Sequence[PairFeatures], *, l2: float | None, seed: int) -> tuple[int, float, dict[int, float]]:
+    """The depth (1-based) whose probe has the lowest cross-validated loss (`probe.choose_l2`; with
+    ``l2`` given, that λ's), ties going to the deeper model. Returns (depth, its λ, {depth: loss})."""
+    losses: dict[int, float] = {}
+    chosen_l2: dict[int, float] = {}
+    for d, pairs in enumerate(by_depth, start=1):
+        best, cv = choose_l2(pairs, seed=seed, grid=(l2,) if l2 is not None else L2_GRID)
+        chosen_l2[d] = best
+        losses[d] = cv.get(best, float("nan"))
+    if any(math.isnan(v) for v in losses.values()):  # nothing to hold out: keep every layer
+        return len(by_depth), chosen_l2[len(by_depth)], losses
+    depth = min(losses, key=lambda d: (losses[d], -d))
+    return depth, chosen_l2[depth], losses
+
+
+def read_layers(model: Any, count: int) -> tuple[int, ...]:
+    """Make ``model`` read ``count`` layers' features (`scoring.pooled_hidden`): the last one and
+    ``count`` − 1 lower ones, evenly spaced (30 layers, 5: 6, 12, 18, 24 and 30); recorded in its
+    config, so the saved model reads them too. Returns the lower layers."""
+    layers = len(decoder_layers(model))
+    if not 1 <= count <= layers:
+        raise ValueError(f"{count} feature layers: the model has {layers} decoder layers")
+    lower = tuple(sorted({round(layers * i / count) for i in range(1, count)} - {0, layers}))
+    if lower:
+        setattr(base_model(model).config, FEATURE_LAYERS, list(lower))
+    return lower
+
+
+def truncate(model: Any, depth: int) -> None:
+    """Keep the bottom ``depth`` decoder blocks of ``model`` in place (the final norm and the heads
+    stay); the config follows, so the saved model loads as a ``depth``-layer model."""
+    layers = decoder_layers(model)
+    if not 1 <= depth <= len(layers):
+        raise ValueError(f"depth {depth}: the model has {len(layers)} decoder layers")
+    if depth == len(layers):
+        return
+    backbone, _ = classifier_parts(model)
+    name = next(n for n in ("layers", "h", "blocks") if getattr(backbone, n, None) is layers)
+    setattr(backbone, name, torch.nn.ModuleList(list(layers)[:depth]))
+    config = base_model(model).config
+    config.num_hidden_layers = depth
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:depth]
 
 
 def init_heads_by_probe(
@@ -129,15 +233,14 @@ def freeze_lower_layers(model: Any, trainable_layers: int) -> int:
     """
     if trainable_layers < 0:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
-    backbone, head = classifier_parts(model)
+    _, head = classifier_parts(model)
     layers = decoder_layers(model)
     keep = set(map(id, head.parameters())) | set(map(id, mean_head(model).parameters() if mean_head(model) else ()))
     for layer in list(layers)[len(layers) - trainable_layers :] if trainable_layers else []:
         keep |= set(map(id, layer.parameters()))
-    for name in ("norm", "ln_f", "final_layer_norm"):
-        final_norm = getattr(backbone, name, None)
-        if final_norm is not None:
-            keep |= set(map(id, final_norm.parameters()))
+    norm = final_norm(model)
+    if norm is not None:
+        keep |= set(map(id, norm.parameters()))
     for p in base_model(model).parameters():
         if id(p) not in keep:
             p.requires_grad_(False)

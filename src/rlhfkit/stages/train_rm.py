@@ -225,8 +225,6 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         num_labels=config.ensemble,
     )  # fmt: skip
     models.disable_dropout(model)
-    if config.pooling == "last+mean":
-        add_mean_head(model)  # zeros until the probe fits it
     amp_dtype = None if dtype == torch.float32 else dtype
     autocast: Callable[[], AbstractContextManager] = (
         (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -235,13 +233,31 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
     # 3. the head (`rm_head`): fitted on frozen features (LP-FT), one per ensemble member, lower layers frozen
     element_weights = bootstrap_weights(torch.arange(len(train)), config.ensemble, config.seed)  # (M, E)
     head_fit: dict[str, Any] = {}
+    depth = resolve_depth(config, model, resume_from)  # None: --depth auto, chosen by the probe below
+    read = {"batch_size": config.eval_batch_size, "pad_token_id": tokenizer.pad_token_id, "device": device, "autocast": autocast}
+    started = time.perf_counter()
+    by_depth, l2 = None, config.probe_l2
+    if depth is None:  # every depth's features from one forward pass; the probe's CV loss picks one
+        by_depth = rm_head.depth_features(model, train, mean=config.pooling == "last+mean", **read)
+        depth, l2, depth_cv = rm_head.choose_depth(by_depth, l2=config.probe_l2, seed=config.seed)
+        say(f"depth: {depth} of {len(by_depth)} layers by the probe's cross-validated loss "
+            f"({depth_cv[depth]:.4f}; {depth_cv[len(by_depth)]:.4f} with every layer)")  # fmt: skip
+    rm_head.truncate(model, depth)
+    if config.feature_layers > depth:
+        raise ConfigError(f"--feature-layers {config.feature_layers}: the reward model has {depth} decoder layers")
+    lower = rm_head.read_layers(model, config.feature_layers)
+    if config.pooling == "last+mean":
+        add_mean_head(model)  # zeros until the probe fits it
     if config.head_init == "probe" and resume_from is None:  # a resumed run loads its head from the checkpoint
-        started = time.perf_counter()
-        features = rm_head.pair_features(model, train, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
-                                         device=device, autocast=autocast)  # fmt: skip
-        head_fit = rm_head.init_heads_by_probe(model, features, element_weights, l2=config.probe_l2, seed=config.seed)
+        if by_depth is not None and not lower:
+            features = by_depth[depth - 1]  # what the cut model reads
+        else:
+            features = rm_head.pair_features(model, train, **read)
+        head_fit = rm_head.init_heads_by_probe(model, features, element_weights, l2=l2, seed=config.seed)
         accuracy = f", training-pair accuracy {head_fit['train_accuracy']:.3f}" if head_fit["train_accuracy"] is not None else ""
-        say(f"probe: head fitted on frozen features (λ = {head_fit['l2']:g}{accuracy}) in {time.perf_counter() - started:.1f} s")
+        layers = f" of layers {', '.join(map(str, lower))} and {depth}" if lower else ""
+        say(f"probe: head fitted on frozen features{layers} (λ = {head_fit['l2']:g}{accuracy}) in "
+            f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     trainable = rm_head.freeze_lower_layers(model, config.trainable_layers)
     if config.trainable_layers > 0:
         say(f"training the top {config.trainable_layers} layer(s), the final norm and the head: {trainable:,} parameters")
@@ -303,7 +319,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         training.save_checkpoint(  # rank 0 writes (DDP), or every rank its shard (FSDP)
             out, at, modules={"model": model}, optimizers={"model": optimizer}, schedulers=schedulers,
             state={"epoch": at // steps_per_epoch, "config": dataclasses.asdict(config), "data_sha256": data_sha,
-                   "best": best},
+                   "best": best, "depth": depth},
             keep=config.keep_checkpoints, dist=dist,
         )  # fmt: skip
         training.barrier(dist)
@@ -427,6 +443,7 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         **{k: v for k, v in last.items() if k != "step"},
         **evaluation,
         **({"probe/l2": head_fit["l2"]} if head_fit else {}),
+        "rm/depth": depth,
         **({"rm/best_step": best["step"]} if config.early_stopping else {}),
         "steps": step,
         "train_pairs": train_stats.pairs,
@@ -459,12 +476,26 @@ def _run(config: TrainRMConfig, device: torch.device, dtype: torch.dtype, dist: 
         "out": str(out),
         "steps": step,
         "epochs": epochs,
+        "depth": depth,
         "train": dataclasses.asdict(train_stats),
         "val": dataclasses.asdict(val_stats),
         "skipped_invalid": skipped,
         "metrics": summary,
         "reward": norm,
     }
+
+
+def resolve_depth(config: TrainRMConfig, model: Any, resume_from: Path | None) -> int | None:
+    """--depth as a number of decoder layers: every layer for ``all``; for ``auto``, None (the probe
+    chooses) or, when resuming, the depth the run chose (its checkpoint's state)."""
+    layers = len(rm_head.decoder_layers(model))
+    if config.depth == "all":
+        return layers
+    if config.depth == "auto":
+        return None if resume_from is None else int(training.read_state(resume_from).get("depth") or layers)
+    if int(config.depth) > layers:
+        raise ConfigError(f"--depth {config.depth}: {config.model} has {layers} decoder layers")
+    return int(config.depth)
 
 
 # --- evaluation and normalisation --------------------------------------------------------------------
