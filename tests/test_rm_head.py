@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from rlhfkit import models, rm_data
+from rlhfkit import models, rm_data, scoring
 from rlhfkit.probe import bootstrap_weights, choose_l2, fit_probe
 from rlhfkit.reward import load_reward
 from rlhfkit.scoring import classifier_parts, read_ensemble
@@ -213,7 +213,8 @@ def test_depth_features_are_what_the_cut_model_reads(tmp_path, four_layer_dirs, 
         rm_head.truncate(cut, d)
         assert len(rm_head.decoder_layers(cut)) == d and cut.config.num_hidden_layers == d
         expected = rm_head.pair_features(cut, elements, **read)
-        assert got.features.shape == expected.features.shape == (expected.features.size(0), 64 * (2 if pooling == "last+mean" else 1))
+        width = 64 * (2 if pooling == "last+mean" else 1)
+        assert got.features.shape == expected.features.shape == (expected.features.size(0), width)
         torch.testing.assert_close(got.features, expected.features, rtol=1e-5, atol=1e-5)
         assert torch.equal(got.winners, expected.winners) and torch.equal(got.groups, expected.groups)
     assert not torch.allclose(by_depth[0].features, by_depth[-1].features)
@@ -329,4 +330,84 @@ def test_depth_option_errors(cli, tmp_path, tiny_llama_dir, args, message):
     assert result.exit_code == 1 and message in result.stderr, result.stderr
     if args == ["--depth", "3"]:
         assert "has 2 decoder layers" in result.stderr
+    assert not (tmp_path / "rm").exists()
+
+
+# --- --feature-layers: the head reads several layers ------------------------------------------------
+
+
+def test_read_layers_spaces_them_evenly(four_layer_dirs):
+    model = models.load_model(str(four_layer_dirs["llama"]), kind="reward")
+    assert rm_head.read_layers(model, 1) == () and scoring.feature_layers(model) == ()
+    assert rm_head.read_layers(model, 2) == (2,)
+    assert rm_head.read_layers(model, 3) == (1, 3)  # round(4/3), round(8/3)
+    assert rm_head.read_layers(model, 4) == (1, 2, 3) and scoring.feature_layers(model) == (1, 2, 3)
+    with pytest.raises(ValueError, match="5 feature layers: the model has 4"):
+        rm_head.read_layers(model, 5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_multi_layer_features_are_each_layers_cut_model_features(tmp_path, four_layer_dirs, arch):
+    """[last ⊕ mean] of the last layer, then of each lower layer read: exactly what the model cut to
+    that layer reads (`depth_features`)."""
+    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(5))
+    tokenizer, elements = _elements(four_layer_dirs[arch], data)
+    read = {"batch_size": 4, "pad_token_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
+    model = models.load_model(str(four_layer_dirs[arch]), kind="reward").eval()
+    by_depth = rm_head.depth_features(model, elements, mean=True, **read)
+    assert rm_head.read_layers(model, 3) == (1, 3)
+    scoring.add_mean_head(model)
+    assert scoring.mean_head(model).weight.shape == (1, 64 * 5)  # mean of layer 4, [last ⊕ mean] of layers 1 and 3
+    got = rm_head.pair_features(model, elements, **read).features
+    expected = torch.cat([by_depth[3].features, by_depth[0].features, by_depth[2].features], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_layers_end_to_end(tmp_path, four_layer_dirs):
+    """--feature-layers 3: the probe is fitted on the multi-layer features, the saved model records
+    its layers and reads them again in ppo/eval (`load_reward`); plain transformers still loads it."""
+    import transformers
+
+    base_dir = four_layer_dirs["llama"]
+    rows = preference_data(30)
+    data = write_jsonl(tmp_path / "cmp.jsonl", rows)
+    result = train_rm.run(config(base_dir, data, tmp_path / "rm", val_fraction=0.0, trainable_layers=0, pooling="last+mean",
+                                 feature_layers=3, ensemble=2))  # fmt: skip
+    assert result["steps"] == 0
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert saved["rlhfkit_feature_layers"] == [1, 3] and saved["num_hidden_layers"] == 4
+    assert transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).config.num_labels == 1
+    assert read_ensemble(tmp_path / "rm").weight.shape == (2, 64 * 6)
+
+    tokenizer = models.load_tokenizer(str(base_dir))
+    reward = load_reward(str(tmp_path / "rm"), tokenizer)
+    assert scoring.feature_layers(reward.model) == (1, 3)
+    chosen = reward.raw_scores([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = reward.raw_scores([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert (chosen > rejected).float().mean() > 0.9
+    # the saved score is the probe's: the mean of the normalised members, read off the multi-layer features
+    _, elements = _elements(base_dir, data)
+    model = models.load_model(str(base_dir), kind="reward").eval()
+    rm_head.read_layers(model, 3)
+    scoring.add_mean_head(model)
+    cpu = torch.device("cpu")
+    features = rm_head.pair_features(model, elements, batch_size=16, pad_token_id=tokenizer.pad_token_id, device=cpu)
+    members = read_ensemble(tmp_path / "rm")
+    by_hand = members.scores(features.features).mean(1)  # (N,)
+    by_model = scoring.head_scores(reward.model, features.features) * reward.gain + reward.bias
+    torch.testing.assert_close(by_model, by_hand, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--feature-layers", "2"], "--feature-layers: reads [last ⊕ mean] of each layer; use it with --pooling last+mean"),
+        (["--feature-layers", "0", "--pooling", "last+mean"], "--feature-layers: must be at least 1"),
+        (["--feature-layers", "3", "--pooling", "last+mean"], "--feature-layers 3: the reward model has 2 decoder layers"),
+    ],
+)
+def test_feature_layers_option_errors(cli, tmp_path, tiny_llama_dir, args, message):
+    data = write_jsonl(tmp_path / "cmp.jsonl", preference_data(4))
+    result = cli("train-rm", "--model", tiny_llama_dir, "--data", data, "--out", tmp_path / "rm", "--device", "cpu", *args)
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "rm").exists()

@@ -23,6 +23,13 @@ answer (tone, readability, repetition) is easier to read off the average of ever
 features). Plain transformers reads such a model's ``w · h_last`` part only; rlhfkit's `reward`
 reads both. ``start`` is the index of the completion's first token in each row: callers know it
 (the prompt's length in right-padded rows, the query's width in ppo's joined rows).
+
+**Several layers** (``train-rm --feature-layers K``): a ``last+mean`` model may also read [last ⊕
+mean] of K − 1 lower decoder layers, each through the final norm (what the model cut to that layer
+would read), listed in its ``config.json`` as ``rlhfkit_feature_layers``; the mean head then reads
+everything past the last layer's last token::
+
+    raw = w · h_last + u · [mean h ⊕ last h⁽ˡ¹⁾ ⊕ mean h⁽ˡ¹⁾ ⊕ …]
 """
 
 from __future__ import annotations

@@ -139,7 +139,9 @@ def depth_features(
         return torch.stack([pool(h, mask, first, mean=mean) for h in states], 1)  # (b, L, H or 2H)
 
     sequences, starts, pairs = _distinct(elements)
-    features = _read_all(read, sequences, starts, batch_size=batch_size, pad_token_id=pad_token_id, device=device, autocast=autocast)
+    features = _read_all(
+        read, sequences, starts, batch_size=batch_size, pad_token_id=pad_token_id, device=device, autocast=autocast
+    )
     return [dataclasses.replace(pairs, features=features[:, d].contiguous()) for d in range(depth)]
 
 
