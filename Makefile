@@ -75,8 +75,8 @@ bench: $(TRL_VENV)/.installed
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_ppo.py --size small --repeats 2
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --model smollm2 --steps 4 --batch-size 4 --max-length 256 \
 		--rounds 1 --dtypes float32 auto $(BENCH_SFT_BEST)
-	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --model smollm2 --pairs 32 --batch-size 8 --repeats 1 \
-		--dtypes float32 auto $(BENCH_RM_BEST)
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --model smollm2 --pairs 48 --batch-size 8 --repeats 1 \
+		--grouped --dtypes float32 auto $(BENCH_RM_BEST)
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_ppo.py --model smollm2 --batch-size 8 --response-length 40 \
 		--ppo-epochs 4 --updates 1 --repeats 1 --dtypes float32 auto $(BENCH_PPO_BEST)
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_collect.py --model smollm2 --prompts 16 --k 4 --batch-size 64 \
