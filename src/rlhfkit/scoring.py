@@ -141,10 +141,15 @@ def pooled_hidden(
     mean = mean_head(model) is not None
     parts = [pool(out.last_hidden_state, attention_mask, starts, mean=mean)]  # (B, H) or (B, 2H)
     norm = final_norm(model) if lower else None
-    for layer in lower:
-        hidden = out.hidden_states[layer]  # after block `layer` (hidden_states[0]: the embeddings)
-        parts.append(pool(norm(hidden) if norm is not None else hidden, attention_mask, starts, mean=True))
+    parts += [pool(layer_state(out, layer, norm), attention_mask, starts, mean=True) for layer in lower]
     return torch.cat(parts, -1) if lower else parts[0]
+
+
+def layer_state(out: Any, layer: int, norm: torch.nn.Module | None) -> torch.Tensor:
+    """(B, L, H) hidden state after block ``layer`` (1-based; ``out.hidden_states[0]`` holds the
+    embeddings) through the final ``norm``: what the model cut to ``layer`` blocks reads."""
+    hidden = out.hidden_states[layer]
+    return norm(hidden) if norm is not None else hidden
 
 
 def feature_layers(model: Any) -> tuple[int, ...]:

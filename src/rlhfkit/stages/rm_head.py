@@ -48,7 +48,17 @@ from rlhfkit import rm_data
 from rlhfkit.generation import position_ids_from_mask, right_pad
 from rlhfkit.models import base_model
 from rlhfkit.probe import L2_GRID, PairFeatures, choose_l2, fit_probe, pair_accuracy
-from rlhfkit.scoring import FEATURE_LAYERS, Ensemble, add_mean_head, classifier_parts, final_norm, mean_head, pool, pooled_hidden
+from rlhfkit.scoring import (
+    FEATURE_LAYERS,
+    Ensemble,
+    add_mean_head,
+    classifier_parts,
+    final_norm,
+    layer_state,
+    mean_head,
+    pool,
+    pooled_hidden,
+)
 from rlhfkit.training import trainable_state_dict
 
 
@@ -135,7 +145,7 @@ def depth_features(
 
     def read(ids: torch.Tensor, mask: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         out = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True)
-        states = [norm(h) if norm is not None else h for h in out.hidden_states[1:depth]] + [out.last_hidden_state]
+        states = [layer_state(out, d, norm) for d in range(1, depth)] + [out.last_hidden_state]
         return torch.stack([pool(h, mask, first, mean=mean) for h in states], 1)  # (b, L, H or 2H)
 
     sequences, starts, pairs = _distinct(elements)
@@ -181,9 +191,7 @@ def truncate(model: Any, depth: int) -> None:
         raise ValueError(f"depth {depth}: the model has {len(layers)} decoder layers")
     if depth == len(layers):
         return
-    backbone, _ = classifier_parts(model)
-    name = next(n for n in ("layers", "h", "blocks") if getattr(backbone, n, None) is layers)
-    setattr(backbone, name, torch.nn.ModuleList(list(layers)[:depth]))
+    setattr(classifier_parts(model)[0], _layers_attribute(model), torch.nn.ModuleList(list(layers)[:depth]))
     config = base_model(model).config
     config.num_hidden_layers = depth
     if isinstance(getattr(config, "layer_types", None), list):
@@ -218,14 +226,18 @@ def init_heads_by_probe(
     return {"l2": l2, "cv_loss": cv, "train_accuracy": pair_accuracy(rows[0], pairs) if len(rows) == 1 else None}
 
 
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The stack of transformer blocks of a Hugging Face model (Llama-style ``layers``, GPT-2 ``h``)."""
+def _layers_attribute(model: Any) -> str:
+    """The backbone's attribute holding its transformer blocks (Llama-style ``layers``, GPT-2 ``h``)."""
     backbone, _ = classifier_parts(model)
     for name in ("layers", "h", "blocks"):
-        layers = getattr(backbone, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
+        if isinstance(getattr(backbone, name, None), torch.nn.ModuleList):
+            return name
     raise TypeError(f"{type(backbone).__name__}: cannot find its decoder layers for --trainable-layers")
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The stack of transformer blocks of a Hugging Face model."""
+    return getattr(classifier_parts(model)[0], _layers_attribute(model))
 
 
 def freeze_lower_layers(model: Any, trainable_layers: int) -> int:
