@@ -113,6 +113,65 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_l
         torch.testing.assert_close(together.logprobs[i, : lengths[i]], alone.logprobs[0, : lengths[i]], atol=1e-5, rtol=1e-5)
 
 
+def test_stopped_rows_wait_in_the_batch_until_an_eighth_has_stopped(tiny_llama, tokenizer):
+    """With 12 rows the first stop (1/12) keeps the stopped row in the batch, its draws ignored, and
+    later stops compact the batch and the KV cache: either way every row equals its decoding alone,
+    and no token is recorded after a row's stop."""
+    tiny_llama.eval()
+    prompts = [p for p in _prompts(tokenizer) for _ in range(4)]
+    seeds = list(range(40, 52))
+    kwargs = dict(
+        max_new_tokens=12, stop_token_ids=[], pad_token_id=tokenizer.pad_token_id, stop_strings=["e"], tokenizer=tokenizer
+    )
+    together = sample(tiny_llama, prompts, seeds=seeds, **kwargs)
+    lengths = together.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 2  # rows stopped at several different steps
+    assert bool((together.response[together.response_mask == 0] == tokenizer.pad_token_id).all())
+    for i, p in enumerate(prompts):
+        alone = sample(tiny_llama, [p], seeds=[seeds[i]], **kwargs)
+        assert together.response_ids(i) == alone.response_ids(0)
+        assert bool(together.stopped[i]) == bool(alone.stopped[0]) and together.stop_text[i] == alone.stop_text[0]
+        n = int(lengths[i])
+        torch.testing.assert_close(together.logprobs[i, :n], alone.logprobs[0, :n], atol=1e-5, rtol=1e-5)
+        assert bool((together.logprobs[i, n:] == 0).all())
+
+
+def test_preallocated_kv_cache_equals_transformers_dynamic_cache(tiny_llama, tokenizer):
+    """The decoding loop's KV cache (buffers written in place, `_PreallocatedLayer`) gives the logits
+    transformers' own concatenating cache gives, step by step, and after dropping a row."""
+    from transformers.cache_utils import DynamicCache
+
+    from rlhfkit.generation import _preallocated_cache, position_ids_from_mask
+
+    tiny_llama.eval()
+    query, mask = left_pad(_prompts(tokenizer), tokenizer.pad_token_id)
+    caches = [_preallocated_cache(tiny_llama, query.size(1) + 4), DynamicCache(config=tiny_llama.config)]
+    assert type(caches[0]).__name__ == "_PreallocatedCache"
+    ids, attention, positions, logits = [query, query], [mask, mask], [position_ids_from_mask(mask)] * 2, [None, None]
+    with torch.no_grad():
+        for step in range(4):
+            for c in range(2):
+                out = tiny_llama(input_ids=ids[c], attention_mask=attention[c], position_ids=positions[c], cache=caches[c], use_cache=True)
+                logits[c] = out.logits[:, -1]
+                if step == 1:  # drop the middle row
+                    caches[c].batch_select_indices(torch.tensor([0, 2]))
+                    logits[c], attention[c] = logits[c][[0, 2]], attention[c][[0, 2]]
+                    positions[c] = positions[c][[0, 2]]
+                ids[c] = logits[c].argmax(-1, keepdim=True)
+                attention[c] = torch.cat([attention[c], torch.ones_like(attention[c][:, :1])], dim=1)
+                positions[c] = positions[c][:, -1:] + 1
+            torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+            assert caches[0].get_seq_length() == caches[1].get_seq_length()
+
+
+def test_sliding_window_models_keep_their_own_cache(tokenizer):
+    from rlhfkit.generation import _preallocated_cache
+    from rlhfkit.testing import make_model
+
+    model = make_model(tokenizer, arch="llama")
+    model.config.sliding_window = 4
+    assert _preallocated_cache(model, 16) is None
+
 def test_philox_known_answers():
     """Random123's known-answer vectors for Philox4x32-10 (kat_vectors): counter, key -> output."""
     from rlhfkit.generation import philox4x32

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
 from rlhfkit.losses import entropy_from_logits, logprobs_from_logits, scale_logits
 
@@ -119,6 +120,57 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 def _cache_of(out: Any) -> Any:
     return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in buffers of a fixed length, written in place: ``DynamicLayer`` concatenates
+    a new tensor every step (O(T²) copying over a decoding run). ``keys``/``values`` are views of the
+    filled part, so everything that reads a ``DynamicLayer`` reads this one the same way."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s = self.length, key_states.size(-2)
+        if not self.is_initialized:
+            self.is_initialized, self.device = True, key_states.device
+            shape = (*key_states.shape[:-2], max(self.capacity, s), key_states.size(-1))
+            self.key_buffer = key_states.new_empty(shape)
+            self.value_buffer = value_states.new_empty((*shape[:-1], value_states.size(-1)))
+        if n + s > self.key_buffer.size(-2):
+            raise ValueError(f"KV cache of {self.key_buffer.size(-2)} positions is full")
+        self.key_buffer[..., n : n + s, :] = key_states
+        self.value_buffer[..., n : n + s, :] = value_states
+        self.length = n + s
+        self.keys, self.values = self.key_buffer[..., : n + s, :], self.value_buffer[..., : n + s, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[..., : self.length, :], self.value_buffer[..., : self.length, :]
+
+
+class _PreallocatedCache(DynamicCache):
+    def __init__(self, layers: list[_PreallocatedLayer]) -> None:
+        Cache.__init__(self, layers=layers)
+
+
+def _preallocated_cache(model: Any, capacity: int) -> DynamicCache | None:
+    """A KV cache of `_PreallocatedLayer` s of ``capacity`` positions for a model whose layers all use
+    full attention; None (the model makes its own) for sliding-window, chunked or recurrent layers."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not layer_types or any(kind != "full_attention" for kind in layer_types):
+        return None
+    return _PreallocatedCache([_PreallocatedLayer(capacity) for _ in layer_types])
 
 
 _M32 = 0xFFFFFFFF
@@ -241,11 +293,15 @@ def sample(
     step_ids, prefill_mask, prefill_positions = query, attention, positions
     if expand is not None:
         step_ids, prefill_mask, prefill_positions = query[firsts], attention[firsts], positions[firsts]  # (U, P)
-    cache = None
-    # rows still generating, in the order the model sees them: a row that stops leaves the batch and
-    # the KV cache, so short completions stop costing compute (per-row random streams keep every row's
-    # draws independent of who else is in the batch)
+    cache = _preallocated_cache(model, query.size(1) + max_new_tokens)
+    # the rows in the batch, in the order the model sees them (`active`), and which of them are still
+    # generating (`alive`): a row that stops stays in the batch, its draws ignored, until an eighth of the
+    # batch has stopped; then the stopped rows leave the batch and the KV cache together (a copy of the
+    # whole cache per such eighth rather than per stop: on SmolLM2, batch 64, 64 tokens, bf16, one thread,
+    # 281 tokens/s copying at every stop, 320-335 at an eighth, 320 at a quarter or a half).
+    # Per-row random streams keep every row's draws independent of who else is in the batch.
     active = torch.arange(batch, device=device)
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -259,7 +315,7 @@ def sample(
                 logits_to_keep=1,
             )
             cache = _cache_of(out)
-            logits = out.logits[:, -1, :].float()  # (A, V), A = active rows
+            logits = out.logits[:, -1, :].float()  # (A, V), A = rows in the batch
             if t == 0 and expand is not None:
                 cache.batch_select_indices(expand)  # (U, ...) -> (B, ...): every row gets its prompt's cache
                 logits = logits[expand]
@@ -276,23 +332,25 @@ def sample(
             else:
                 next_ids = logits.argmax(-1)
                 token_logprobs = F.log_softmax(logits, -1).gather(-1, next_ids[:, None]).squeeze(-1)
-            tokens[active, t] = next_ids
-            logprobs[active, t] = token_logprobs
-            lengths[active] += 1
-            hit = torch.isin(next_ids, stops)  # (A,)
+            rows = active[alive]  # (R,) the rows that drew a token this step
+            tokens[rows, t] = next_ids[alive]
+            logprobs[rows, t] = token_logprobs[alive]
+            lengths[rows] += 1
+            hit = torch.isin(next_ids, stops) & alive  # (A,)
             if stop_strings:
                 checked = done.clone()
                 checked[active] |= hit
-                hit |= _stop_string_hits(tokens, lengths, checked, stop_strings, tokenizer, stop_text)[active]
+                hit |= _stop_string_hits(tokens, lengths, checked, stop_strings, tokenizer, stop_text)[active] & alive
             stopped[active[hit]] = True
             done[active[hit]] = True
-            keep = ~hit
-            if not bool(keep.any()):  # a CPU-GPU sync per step; it ends the loop once every row stopped
+            alive &= ~hit
+            live = int(alive.sum())  # a CPU-GPU sync per step; it ends the loop once every row stopped
+            if live == 0:
                 break
-            if not bool(keep.all()):
-                index = keep.nonzero().squeeze(1)
-                cache.batch_select_indices(index)  # transformers' DynamicCache: keep these rows only
-                active, attention, positions, next_ids = active[index], attention[index], positions[index], next_ids[index]
+            if 8 * live <= 7 * alive.numel():
+                index = alive.nonzero().squeeze(1)
+                cache.batch_select_indices(index)  # keep these rows only (`_PreallocatedLayer`, transformers' DynamicLayer)
+                active, alive, attention, positions, next_ids = active[index], alive[index], attention[index], positions[index], next_ids[index]
             attention = torch.cat([attention, torch.ones((attention.size(0), 1), dtype=attention.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             step_ids = next_ids[:, None]
