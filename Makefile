@@ -68,7 +68,7 @@ $(TRL_VENV)/.installed: pyproject.toml constraints.txt
 # and collect's tokens/s against Hugging Face generate (same K, batch, sampling)
 BENCH_SFT_BEST ?=
 BENCH_RM_BEST ?=
-BENCH_PPO_BEST ?=
+BENCH_PPO_BEST ?= --set value_head=policy
 bench: $(TRL_VENV)/.installed
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --size small --steps 30 --batch-size 8 --rounds 3
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --pairs 128 --repeats 3 --grouped

@@ -151,7 +151,8 @@ def test_preallocated_kv_cache_equals_transformers_dynamic_cache(tiny_llama, tok
     with torch.no_grad():
         for step in range(4):
             for c in range(2):
-                out = tiny_llama(input_ids=ids[c], attention_mask=attention[c], position_ids=positions[c], cache=caches[c], use_cache=True)
+                inputs = dict(input_ids=ids[c], attention_mask=attention[c], position_ids=positions[c])
+                out = tiny_llama(**inputs, cache=caches[c], use_cache=True)
                 logits[c] = out.logits[:, -1]
                 if step == 1:  # drop the middle row
                     caches[c].batch_select_indices(torch.tensor([0, 2]))

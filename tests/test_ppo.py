@@ -93,6 +93,24 @@ def test_first_step_kl_is_exactly_zero_and_first_ratio_exactly_one(tiny_llama_di
     assert minibatches[1]["ratio_max"] > 1.0 or minibatches[1]["ratio_min"] < 1.0
 
 
+@pytest.mark.slow  # inductor compiles the layers in train, eval and no-grad modes, ~40 s on 2 cores
+def test_compiled_layers_keep_the_first_step_exact(tiny_llama_dir, prompts_file, tmp_path):
+    """--compile: policy, reference and critic run compiled decoder layers, and the first step is still
+    exact (KL 0 bit for bit, first ratio 1): equal weights through the same compiled code."""
+    from torch._dynamo.utils import counters
+
+    # one micro-batch per mini-batch: the old log-probs come from the first epoch's own forward (with
+    # --grad-accum 2 they come from a separate no-grad pass, compiled to other fused kernels: ratio 1 up to rounding)
+    config = make_config(tiny_llama_dir, prompts_file, tmp_path / "out", compile=True, grad_accum=1)
+    graphs = counters["stats"]["unique_graphs"]
+    models, optimizer, items = setup(config)
+    result = one_step(models, optimizer, items, config)
+    assert counters["stats"]["unique_graphs"] > graphs
+    fwd = result["forward"]
+    assert torch.equal(fwd["logprobs"], fwd["ref_logprobs"]) and result["metrics"]["objective/kl"] == 0
+    first = result["update"]["minibatches"][0]
+    assert first["ratio_min"] == 1.0 and first["ratio_max"] == 1.0
+
 def test_ref_sets_the_kl_reference_apart_from_the_starting_policy(tiny_llama_dir, prompts_file, tmp_path):
     """Iterated RLHF continues from a PPO policy but measures KL to the SFT model (--ref)."""
     other = tmp_path / "other"

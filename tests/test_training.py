@@ -160,3 +160,17 @@ def test_check_same_data_refuses_a_checkpoint_of_other_data(tmp_path):
     training.check_same_data({"data_sha256": "aa"}, "-", None, tmp_path)  # stdin: nothing to compare
     with pytest.raises(ConfigError, match="--resume: cmp.jsonl changed since"):
         training.check_same_data({"data_sha256": "aa"}, "cmp.jsonl", "bb", tmp_path)
+
+
+def test_compile_layers_compiles_every_decoder_layer_in_place(tokenizer):
+    """--compile: each decoder layer gets its compiled call (run lazily), the rest of the model and
+    its parameter names stay as they are."""
+    from rlhfkit.testing import make_model
+    from rlhfkit.training import compile_layers
+
+    model = make_model(tokenizer, arch="llama")
+    names = [name for name, _ in model.named_parameters()]
+    assert compile_layers(model) == model.config.num_hidden_layers
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert model._compiled_call_impl is None and model.lm_head._compiled_call_impl is None
+    assert [name for name, _ in model.named_parameters()] == names

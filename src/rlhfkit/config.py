@@ -318,6 +318,7 @@ class TrainConfig(ModelConfig):
     strategy: Strategy = "ddp"  # under torchrun: ddp (a replica per process) or fsdp (sharded; DCP checkpoints)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
     cpu_offload: bool = False  # with --strategy fsdp: weights, gradients and optimizer state in CPU memory
+    compile: bool = False  # torch.compile each decoder layer (regional compilation); see README "Speed"
 
     def check(self) -> None:
         super().check()

@@ -350,7 +350,8 @@ def sample(
             if 8 * live <= 7 * alive.numel():
                 index = alive.nonzero().squeeze(1)
                 cache.batch_select_indices(index)  # keep these rows only (`_PreallocatedLayer`, transformers' DynamicLayer)
-                active, alive, attention, positions, next_ids = active[index], alive[index], attention[index], positions[index], next_ids[index]
+                active, alive, next_ids = active[index], alive[index], next_ids[index]
+                attention, positions = attention[index], positions[index]
             attention = torch.cat([attention, torch.ones((attention.size(0), 1), dtype=attention.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             step_ids = next_ids[:, None]

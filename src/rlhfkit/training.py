@@ -347,6 +347,7 @@ def wrap_model(
 
     * ``--gradient-checkpointing`` (trained modules, both strategies): every transformers model in
       ``model`` recomputes its decoder layers' activations in the backward pass (non-reentrant);
+    * ``--compile`` (trained and frozen modules): `compile_layers`;
     * ``ddp``: a trained module is wrapped in DistributedDataParallel under torchrun; a frozen one
       (``trainable=False``: ppo's reference and reward model) is returned as it is;
     * ``fsdp``: FSDP2 (`rlhfkit.sharding`: a unit per decoder layer, the root last; bf16 compute on
@@ -359,6 +360,8 @@ def wrap_model(
     strategy = getattr(config, "strategy", "ddp")
     if trainable and getattr(config, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
+    if getattr(config, "compile", False):
+        compile_layers(model)
     if strategy != "fsdp":
         return wrap_ddp(model, dist, device) if trainable else model
     from rlhfkit import sharding
@@ -368,6 +371,19 @@ def wrap_model(
         return model
     mp_policy = sharding.mixed_precision(device, getattr(config, "dtype", "auto"))
     return sharding.shard(model, device, dist.world_size, mp_policy=mp_policy, cpu_offload=getattr(config, "cpu_offload", False))
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` every decoder layer of every transformers model in ``model``, in place
+    (regional compilation: the layers share one compiled graph, so compiling costs one layer's time,
+    not the model's; parameter names and checkpoints are unchanged). A new sequence length recompiles
+    once with dynamic shapes, then no more. Returns the number of layers compiled."""
+    from rlhfkit.sharding import decoder_layers
+
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> int:

@@ -10,6 +10,7 @@ from rlhfkit.cli.common import (
     LORA_PANEL,
     TRAINING_PANEL,
     ChatTemplateOption,
+    CompileOption,
     ConfigOption,
     CpuOffloadOption,
     DeviceOption,
@@ -131,6 +132,7 @@ def command(
     strategy: StrategyOption = D.strategy,  # type: ignore[assignment]
     gradient_checkpointing: GradientCheckpointingOption = D.gradient_checkpointing,
     cpu_offload: CpuOffloadOption = D.cpu_offload,
+    compile: CompileOption = D.compile,
     seed: SeedOption = D.seed,
     device: DeviceOption = D.device,  # type: ignore[assignment]
     dtype: DTypeOption = D.dtype,  # type: ignore[assignment]

@@ -67,7 +67,7 @@ REFERENCE_FILE = "reference_logps.safetensors"  # in OUT/checkpoints/
 # options that may differ when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = (
     "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every", "keep_checkpoints", "device",
-    "save_adapter", "gradient_checkpointing", "cpu_offload",
+    "save_adapter", "gradient_checkpointing", "cpu_offload", "compile",
 )  # fmt: skip
 
 

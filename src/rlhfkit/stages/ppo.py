@@ -104,7 +104,7 @@ from rlhfkit.training import Dist
 KLController = AdaptiveKLController | FixedKLController
 # options that --resume may give other values
 RESUME_MAY_CHANGE = ("save_every", "sample_every", "num_samples", "keep_checkpoints", "save_adapter", "device", "judge_timeout",
-                     "gradient_checkpointing", "cpu_offload")  # fmt: skip
+                     "gradient_checkpointing", "cpu_offload", "compile")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

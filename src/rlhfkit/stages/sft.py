@@ -67,7 +67,7 @@ from rlhfkit.provenance import RunInfo, to_jsonable
 # options that may change between a run and its --resume (the rest must match)
 RESUME_MAY_CHANGE = (
     "max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "log_every", "device", "eval_batch_size",
-    "gradient_checkpointing", "cpu_offload",
+    "gradient_checkpointing", "cpu_offload", "compile",
 )  # fmt: skip
 
 

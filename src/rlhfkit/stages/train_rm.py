@@ -89,7 +89,7 @@ TOO_FEW_TO_TELL = 0.3  # a held-out accuracy whose 95% interval is wider than th
 # options that may differ when a run is resumed (they do not change what is computed)
 RESUME_MAY_CHANGE = (
     "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every",
-    "keep_checkpoints", "device", "norm_samples", "save_adapter", "gradient_checkpointing", "cpu_offload",
+    "keep_checkpoints", "device", "norm_samples", "save_adapter", "gradient_checkpointing", "cpu_offload", "compile",
 )  # fmt: skip
 
 
