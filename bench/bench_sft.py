@@ -3,7 +3,9 @@
 Same model (a Llama built from a config, random weights, or a real one with ``--model``, e.g.
 ``smollm2``), same tokenizer, same prompt/completion data (loss on the completion and its EOS in
 both), same batch size, steps, learning rate and schedule, no gradient checkpointing, no packing,
-one epoch (so both see the same examples).
+one epoch (so both see the same examples). Where the tokenizer has a chat template (SmolLM2), both
+render the prompt as a user turn and the completion as the assistant's (rlhfkit's ``--chat-template
+auto``; TRL's conversational prompt/completion rows), so both train on the same token sequences.
 
 Precision, per ``--dtypes`` entry: ``float32`` = both in float32 (equal settings); ``auto`` = each
 tool's best: rlhfkit ``--dtype auto`` (bf16 autocast with float32 weights where
@@ -141,6 +143,12 @@ def run_trl(model_dir: Path, rows: list[dict[str, str]], out: Path, args: argpar
         logging_steps=args.steps, save_strategy="no", eval_strategy="no", report_to="none", dataloader_num_workers=0,
         seed=args.seed, disable_tqdm=True,
     )  # fmt: skip
+    if tokenizer.chat_template:  # the chat template on both sides, as rlhfkit's --chat-template auto renders a string prompt
+        rows = [
+            {"prompt": [{"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r["completion"]}]}
+            for r in rows
+        ]  # fmt: skip
     trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[Clock()])  # fmt: skip
     collate = trainer.data_collator
