@@ -340,7 +340,8 @@ def sample(
             if stop_strings:
                 checked = done.clone()
                 checked[active] |= hit
-                hit |= _stop_string_hits(tokens, lengths, checked, stop_strings, tokenizer, stop_text)[active] & alive
+                # rows that stopped earlier are `done`, so `checked`: only live rows can hit
+                hit |= _stop_string_hits(tokens, lengths, checked, stop_strings, tokenizer, stop_text)[active]
             stopped[active[hit]] = True
             done[active[hit]] = True
             alive &= ~hit

@@ -376,8 +376,9 @@ def wrap_model(
 def compile_layers(model: torch.nn.Module) -> int:
     """``torch.compile`` every decoder layer of every transformers model in ``model``, in place
     (regional compilation: the layers share one compiled graph, so compiling costs one layer's time,
-    not the model's; parameter names and checkpoints are unchanged). A new sequence length recompiles
-    once with dynamic shapes, then no more. Returns the number of layers compiled."""
+    not the model's; parameter names and checkpoints are unchanged). The first new sequence length
+    recompiles with that dimension dynamic, so later lengths reuse it (train, eval and no-grad modes
+    each compile once). Returns the number of layers compiled."""
     from rlhfkit.sharding import decoder_layers
 
     layers = decoder_layers(model)
