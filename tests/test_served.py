@@ -94,18 +94,16 @@ class _Stub(BaseHTTPRequestHandler):
             status = server.failures.pop(0) if server.failures else 200
             server.in_flight += 1
             server.peak = max(server.peak, server.in_flight)
-        try:
-            time.sleep(server.delay)
-            if status != 200:
-                self._send(status, {"error": {"message": f"stub says {status}"}}, {"Retry-After": "0"})
-                return
-            text = body["prompt"][::-1] if "prompt" in body else body["messages"][-1]["content"].upper()
-            choice = {"text": text} if "prompt" in body else {"message": {"role": "assistant", "content": text}}
-            self._send(200, {"choices": [{**choice, "index": 0, "finish_reason": "length"}],
-                             "usage": {"completion_tokens": len(text), "prompt_tokens": 1}})  # fmt: skip
-        finally:
-            with server.lock:
-                server.in_flight -= 1
+        time.sleep(server.delay)
+        with server.lock:  # before answering: once the answer is out, the client may send the next request
+            server.in_flight -= 1
+        if status != 200:
+            self._send(status, {"error": {"message": f"stub says {status}"}}, {"Retry-After": "0"})
+            return
+        text = body["prompt"][::-1] if "prompt" in body else body["messages"][-1]["content"].upper()
+        choice = {"text": text} if "prompt" in body else {"message": {"role": "assistant", "content": text}}
+        self._send(200, {"choices": [{**choice, "index": 0, "finish_reason": "length"}],
+                         "usage": {"completion_tokens": len(text), "prompt_tokens": 1}})  # fmt: skip
 
 
 @pytest.fixture()

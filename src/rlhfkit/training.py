@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
+from rlhfkit import attention
 from rlhfkit.config import Schedule, choices
 from rlhfkit.errors import ConfigError, NonFiniteError, RlhfkitError
 
@@ -347,6 +348,8 @@ def wrap_model(
 
     * ``--gradient-checkpointing`` (trained modules, both strategies): every transformers model in
       ``model`` recomputes its decoder layers' activations in the backward pass (non-reentrant);
+    * on a CPU (trained and frozen modules): `rlhfkit.attention.use_float32_short_attention` (short
+      training sequences under bf16 run the attention kernel in float32, which is faster there);
     * ``--compile`` (trained and frozen modules): `compile_layers`;
     * ``ddp``: a trained module is wrapped in DistributedDataParallel under torchrun; a frozen one
       (``trainable=False``: ppo's reference and reward model) is returned as it is;
@@ -358,6 +361,8 @@ def wrap_model(
     training forward through the returned module, and wrap loops whose number of forwards differs
     between ranks (sampling, uneven evaluation shards) in `gathered`."""
     strategy = getattr(config, "strategy", "ddp")
+    if device.type == "cpu":
+        attention.use_float32_short_attention(model)
     if trainable and getattr(config, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
     if getattr(config, "compile", False):
