@@ -109,8 +109,8 @@ def test_the_switch_applies_to_sdpa_models_only_and_is_not_saved(tokenizer, tmp_
     assert attention.use_float32_short_attention(model) == 0  # already switched
     assert attention.use_float32_short_attention(eager) == 0 and eager.config._attn_implementation == "eager"
 
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 0, 0]])
-    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])  # left padding: a mask left out would show
     model.eval(), plain.eval()
     with torch.no_grad():  # no gradient: exactly transformers' SDPA
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain(input_ids=ids, attention_mask=mask).logits)
@@ -119,6 +119,8 @@ def test_the_switch_applies_to_sdpa_models_only_and_is_not_saved(tokenizer, tmp_
     exact = plain.float()(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(logits[real].float(), exact[real], rtol=0.05, atol=0.05)
+    alone = plain(input_ids=ids[1:, 2:]).logits[0]  # the padded row without its padding
+    torch.testing.assert_close(logits[1, 2:].float(), alone, rtol=0.05, atol=0.05)
 
     model.save_pretrained(tmp_path)
     assert attention.NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
