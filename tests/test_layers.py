@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "rlhfkit.served",
         ),
     ),  # fmt: skip
-    ("training", ("rlhfkit.training", "rlhfkit.sharding")),
+    ("training", ("rlhfkit.training", "rlhfkit.sharding", "rlhfkit.attention")),
     ("stages", ("rlhfkit.stages", "rlhfkit.label")),
     ("cli", ("rlhfkit.cli", "rlhfkit.__main__")),
 ]

@@ -11,10 +11,11 @@ autocast) spent 22% of its time in that backward.
 
 `use_float32_short_attention` switches a model from ``"sdpa"`` to ``"rlhfkit_sdpa"``: transformers'
 own SDPA function and mask, except that a training forward (autograd recording) on a CPU with
-bfloat16/float16 queries of at most `SHORT_SEQUENCE` positions runs the kernel in float32 and
-returns its output in the input dtype. Decoding, no-grad passes (reference, reward, evaluation),
-GPUs, float32 and longer sequences run exactly as before. The name is not saved: transformers keeps
-the attention implementation out of ``config.json``.
+bfloat16/float16 attention (bf16 weights, or CPU autocast) on at most `SHORT_SEQUENCE` query
+positions runs the kernel in float32 and returns its output in the dtype SDPA would have returned.
+Decoding, no-grad passes (reference, reward, evaluation), GPUs, float32 and longer sequences run
+exactly as before. The name is not saved: transformers keeps the attention implementation out of
+``config.json``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     when `in_float32` says so."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    dtype = kernel_dtype(query)
     if not in_float32(query, key, value):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    dtype = kernel_dtype(query)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):  # CPU autocast would cast SDPA's inputs back to bf16
@@ -76,8 +77,8 @@ def register() -> None:
 
 def use_float32_short_attention(model: torch.nn.Module) -> int:
     """Switch every transformers model in ``model`` that uses ``"sdpa"`` to ``"rlhfkit_sdpa"``, in
-    place; others (eager, flash-attention, models with sub-configs of their own) are left as they
-    are. Returns how many models were switched."""
+    place; models on another implementation (eager, flash-attention, ...) are left as they are.
+    Returns how many models were switched."""
     from transformers import PreTrainedModel
 
     switched = 0
