@@ -4,10 +4,10 @@ PyTorch's CPU flash-attention kernel (what transformers' ``"sdpa"`` runs there) 
 that, in bfloat16 or float16, pays a fixed cost for every block of 32–64 query rows, whatever the
 sequence length. On the short sequences RLHF trains on, that cost dominates: measured on one thread
 of a Xeon with AMX (torch 2.13, SmolLM2's 9 query / 3 key-value heads of 64, causal), forward plus
-backward of 4 sequences of 100 tokens took 16.5 ms per layer in bfloat16 and 5.2 ms with the same
-kernel in float32 (casts included); at 256 tokens the two were equal (11.6 vs 11.7 ms, 2 sequences)
-and at 512 bfloat16 was faster (33 vs 44 ms). A whole SmolLM2 training step (4 × 100 tokens, bf16
-autocast) spent 22% of its time in that backward.
+backward of 4 sequences of 100 tokens took 11.1 ms per layer in bfloat16 and 4.5 ms with the same
+kernel in float32 (casts included); float32 stayed 1.6–2× faster up to 160 tokens, was even at
+192–224 and slower from 256 on (by 6–24%, batches of 2 and 8). In a whole SmolLM2 training step
+(4 × 100 tokens, bf16 autocast) that backward took 22% of the time.
 
 `use_float32_short_attention` switches a model from ``"sdpa"`` to ``"rlhfkit_sdpa"``: transformers'
 own SDPA function and mask, except that a training forward (autograd recording) on a CPU with
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 NAME = "rlhfkit_sdpa"
-SHORT_SEQUENCE = 256  # query positions at or below which float32 is no slower (measured above)
+SHORT_SEQUENCE = 224  # query positions up to which float32 is no slower (measured above)
 _REDUCED = (torch.bfloat16, torch.float16)
 
 
