@@ -174,3 +174,41 @@ def test_compile_layers_compiles_every_decoder_layer_in_place(tokenizer):
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert model._compiled_call_impl is None and model.lm_head._compiled_call_impl is None
     assert [name for name, _ in model.named_parameters()] == names
+
+
+def test_own_memory_copies_trained_parameters_and_keeps_ties(tokenizer):
+    """Trained CPU parameters get storage of their own (the same values); frozen ones, and two
+    parameters on one storage, are left as they are; a tied output layer stays tied."""
+    from rlhfkit.testing import make_model
+    from rlhfkit.training import own_memory
+
+    model = make_model(tokenizer, arch="llama")
+    model.model.norm.weight.requires_grad_(False)  # frozen: never written, so left alone
+    shared = torch.zeros(8)
+    model.register_parameter("view_a", torch.nn.Parameter(shared[:4]))  # two parameters, one storage
+    model.register_parameter("view_b", torch.nn.Parameter(shared[4:]))
+    before = {name: (p.detach().clone(), p.untyped_storage().data_ptr()) for name, p in model.named_parameters()}
+    trained = [name for name, p in model.named_parameters() if p.requires_grad and not name.startswith("view_")]
+
+    assert own_memory(model) == len(trained)
+    for name, p in model.named_parameters():
+        values, ptr = before[name]
+        assert torch.equal(p.detach(), values)
+        assert (p.untyped_storage().data_ptr() != ptr) == (name in trained), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_wrap_model_gives_trained_modules_their_own_memory_on_cpu(tokenizer):
+    from types import SimpleNamespace
+
+    from rlhfkit.testing import make_model
+    from rlhfkit.training import Dist, wrap_model
+
+    trained, frozen = make_model(tokenizer, arch="llama"), make_model(tokenizer, arch="llama")
+    frozen.requires_grad_(False)
+    ptrs = {id(m): [p.untyped_storage().data_ptr() for p in m.parameters()] for m in (trained, frozen)}
+    config = SimpleNamespace(strategy="ddp")
+    wrap_model(trained, Dist(), torch.device("cpu"), config)
+    wrap_model(frozen, Dist(), torch.device("cpu"), config, trainable=False)
+    assert all(p.untyped_storage().data_ptr() != old for p, old in zip(trained.parameters(), ptrs[id(trained)]))
+    assert [p.untyped_storage().data_ptr() for p in frozen.parameters()] == ptrs[id(frozen)]

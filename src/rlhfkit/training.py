@@ -350,6 +350,7 @@ def wrap_model(
       ``model`` recomputes its decoder layers' activations in the backward pass (non-reentrant);
     * on a CPU (trained and frozen modules): `rlhfkit.attention.use_float32_short_attention` (short
       training sequences under bf16 run the attention kernel in float32, which is faster there);
+    * on a CPU (trained modules): `own_memory`;
     * ``--compile`` (trained and frozen modules): `compile_layers`;
     * ``ddp``: a trained module is wrapped in DistributedDataParallel under torchrun; a frozen one
       (``trainable=False``: ppo's reference and reward model) is returned as it is;
@@ -363,6 +364,8 @@ def wrap_model(
     strategy = getattr(config, "strategy", "ddp")
     if device.type == "cpu":
         attention.use_float32_short_attention(model)
+        if trainable:
+            own_memory(model)
     if trainable and getattr(config, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
     if getattr(config, "compile", False):
@@ -376,6 +379,27 @@ def wrap_model(
         return model
     mp_policy = sharding.mixed_precision(device, getattr(config, "dtype", "auto"))
     return sharding.shard(model, device, dist.world_size, mp_policy=mp_policy, cpu_offload=getattr(config, "cpu_offload", False))
+
+
+def own_memory(model: torch.nn.Module) -> int:
+    """Give every trained CPU parameter of ``model`` memory of its own, in place (values, names and
+    ties unchanged). Weights loaded from safetensors are copy-on-write views of the file's memory
+    mapping, so the first optimizer step, the first write to them, page-faults its way through every
+    page: on SmolLM2-135M (540 MB of float32) the first AdamW step took 4.3 s against 1.5 s after this
+    copy, which took 0.2 s. A parameter whose storage another parameter shares (weights tied as two
+    tensors on one storage) is left alone, so ties hold. Returns how many parameters were copied."""
+    params = [p for p in model.parameters() if p.requires_grad and p.device.type == "cpu"]
+    storages: dict[int, int] = {}
+    for p in model.parameters():
+        key = p.untyped_storage().data_ptr()
+        storages[key] = storages.get(key, 0) + 1
+    copied = 0
+    with torch.no_grad():
+        for p in params:
+            if storages[p.untyped_storage().data_ptr()] == 1:
+                p.data = p.data.clone()
+                copied += 1
+    return copied
 
 
 def compile_layers(model: torch.nn.Module) -> int:
