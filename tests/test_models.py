@@ -46,6 +46,22 @@ def test_auto_dtype_follows_fast_cpu_bf16(monkeypatch):
         assert models.cpu_bf16_fast() == bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_finds_any_nan_or_infinity_anywhere(dtype):
+    # positions at the start, inside and at the end of vectorised reduction blocks, and the last element
+    shape, bad_values = (129, 67), [float("nan"), float("inf"), -float("inf")]
+    for position in (0, 1, 15, 16, 63, 4096, 129 * 67 - 1):
+        for bad in bad_values:
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(position)).to(dtype)
+            assert models.all_finite(x)
+            x.view(-1)[position] = bad
+            assert not models.all_finite(x), (position, bad)
+            assert not models.all_finite(x.t())  # a strided view reads the same elements
+    big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+    assert models.all_finite(big) and models.all_finite(-big)  # huge but finite: no overflow anywhere
+    assert models.all_finite(torch.empty(0, dtype=dtype)) and models.all_finite(torch.arange(5))
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(RlhfkitError, match="no such model directory"):
         models.load_model(str(tmp_path / "missing"))

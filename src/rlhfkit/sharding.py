@@ -297,9 +297,10 @@ def local_non_finite(module: nn.Module) -> str | None:
     """The name of the first weight whose local shard (or whole tensor) holds a NaN or an infinity."""
     from torch.distributed.tensor import DTensor
 
+    from rlhfkit.models import all_finite
+
     for name, tensor in module.state_dict().items():
-        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
+        if not all_finite(tensor.to_local() if isinstance(tensor, DTensor) else tensor):
             return name
     return None
 
