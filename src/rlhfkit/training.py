@@ -859,6 +859,12 @@ def is_run_dir(out: Path) -> bool:
     return (out / "rlhfkit.json").is_file() or (out / CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
 
 
+# `config.TrainConfig` options that never change what a run computes: --resume may give every training
+# stage other values for them (each stage adds its own, such as --max-steps)
+RESUME_MAY_CHANGE = ("save_every", "keep_checkpoints", "save_adapter", "device", "gradient_checkpointing", "cpu_offload",
+                     "compile")  # fmt: skip
+
+
 def prepare_run_dir(
     out: str | os.PathLike, resume: bool, stage: str, config: dict[str, Any], may_change: Sequence[str] = (), dist: Dist = Dist(),
     per_process: Sequence[str] = (),
@@ -869,8 +875,9 @@ def prepare_run_dir(
     ``--resume`` it must be empty (hidden files aside), and an earlier run there is refused with a
     hint to pass ``--resume``; with ``--resume`` and no checkpoint, a non-empty OUT must be a run
     directory (then training starts from the beginning, with a warning). A checkpoint is resumed
-    only with the same options, except ``may_change``, and ``per_process`` sizes on another number
-    of processes as long as size × processes is unchanged (`check_resume_config`).
+    only with the same options, except `RESUME_MAY_CHANGE` and the stage's ``may_change``, and
+    ``per_process`` sizes on another number of processes as long as size × processes is unchanged
+    (`check_resume_config`).
     """
     from rlhfkit.console import console
 
@@ -892,8 +899,8 @@ def prepare_run_dir(
             console.print(message, highlight=False, soft_wrap=True)
         return _claim(out, None, dist)
     # trackers may join a resumed run
-    check_resume_config(checkpoint, config, ignore=("resume", "report_to", *may_change), world_size=dist.world_size,
-                        per_process=per_process)  # fmt: skip
+    ignore = ("resume", "report_to", *RESUME_MAY_CHANGE, *may_change)
+    check_resume_config(checkpoint, config, ignore=ignore, world_size=dist.world_size, per_process=per_process)
     return _claim(out, checkpoint, dist)
 
 

@@ -64,11 +64,8 @@ from rlhfkit.stages.preference_data import Group
 
 STAGE = "dpo"
 REFERENCE_FILE = "reference_logps.safetensors"  # in OUT/checkpoints/
-# options that may differ when a run is resumed (they do not change what is computed)
-RESUME_MAY_CHANGE = (
-    "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every", "keep_checkpoints", "device",
-    "save_adapter", "gradient_checkpointing", "cpu_offload", "compile",
-)  # fmt: skip
+# options that may differ when a run is resumed besides training.RESUME_MAY_CHANGE (they do not change what is computed)
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batch_size", "log_every")
 
 
 class SequenceLogps(torch.nn.Module):

@@ -55,10 +55,7 @@ from rlhfkit.provenance import RunInfo
 from rlhfkit.stages import preference_data
 
 STAGE = "ilql"
-RESUME_MAY_CHANGE = (
-    "max_steps", "save_every", "epochs", "eval_every", "eval_batch_size", "log_every", "keep_checkpoints", "device",
-    "save_adapter", "gradient_checkpointing", "compile",
-)  # fmt: skip
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batch_size", "log_every")  # besides training.RESUME_MAY_CHANGE
 Rewarded = tuple[tuple[int, ...], tuple[int, ...], float]  # (prompt ids, completion ids, reward)
 
 

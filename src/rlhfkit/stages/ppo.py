@@ -102,9 +102,8 @@ from rlhfkit.stages.ppo_samples import SAMPLES_FILE, SamplesLog
 from rlhfkit.training import Dist
 
 KLController = AdaptiveKLController | FixedKLController
-# options that --resume may give other values
-RESUME_MAY_CHANGE = ("save_every", "sample_every", "num_samples", "keep_checkpoints", "save_adapter", "device", "judge_timeout",
-                     "gradient_checkpointing", "cpu_offload", "compile")  # fmt: skip
+# options that --resume may give other values besides training.RESUME_MAY_CHANGE
+RESUME_MAY_CHANGE = ("sample_every", "num_samples", "judge_timeout")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,11 +64,8 @@ from rlhfkit.models import (
 )
 from rlhfkit.provenance import RunInfo, to_jsonable
 
-# options that may change between a run and its --resume (the rest must match)
-RESUME_MAY_CHANGE = (
-    "max_steps", "epochs", "save_every", "keep_checkpoints", "eval_every", "log_every", "device", "eval_batch_size",
-    "gradient_checkpointing", "cpu_offload", "compile",
-)  # fmt: skip
+# options that may change between a run and its --resume besides training.RESUME_MAY_CHANGE (the rest must match)
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "log_every", "eval_batch_size")
 
 
 def run(config: SFTConfig) -> dict[str, Any] | None:
