@@ -51,10 +51,12 @@ def demos(tmp_path_factory):
     return write_demos(tmp_path_factory.mktemp("data") / "demos.jsonl", 40)
 
 
-def torchrun(*args: object, nproc: int = 2, timeout: int = 300, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: object, nproc: int = 2, timeout: int = 300, extra: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *extra,
            "-m", "rlhfkit", *map(str, args)]  # fmt: skip
-    run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    run = subprocess.run(cmd, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert run.returncode == 0, run.stderr[-4000:]
     return run
 
@@ -201,6 +203,24 @@ def test_sft_two_processes_match_one_process(model_dir, demos, tmp_path):
     assert results(run)[0]["loss/eval"] == pytest.approx(single["loss/eval"], rel=1e-5)
     assert_same_weights(tmp_path / "fsdp", tmp_path / "single", rtol=1e-4, atol=1e-5)
     assert_sharded_checkpoint(training.latest_checkpoint(tmp_path / "fsdp"), world=2)
+    loads_in_plain_transformers(tmp_path / "fsdp")
+
+
+@pytest.mark.slow  # torchrun + one process; inductor compiles the layer on each rank
+def test_compiled_layers_under_fsdp_train_as_eager_in_one_process(model_dir, demos, tmp_path):
+    """--compile with --strategy fsdp on 2 ranks: each rank compiles its decoder layers around
+    FSDP2's per-layer hooks, and the run trains the weights of one eager process (fused kernels round
+    differently: Adam's tolerance as in test_sft's --compile test)."""
+    common = ("--model", model_dir, "--data", demos, "--max-steps", 3, "--lr", 1e-3, "--max-length", 48, "--log-every", 1,
+              "--device", "cpu")  # fmt: skip
+    cache = tmp_path / "inductor"  # a cache of this test's own: the ranks compile, and what they compiled is there
+    run = torchrun("sft", *common, "--out", tmp_path / "fsdp", "--batch-size", 2, "--strategy", "fsdp", "--compile", timeout=600,
+                   env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})  # fmt: skip
+    assert len(results(run)) == 1
+    assert any(p.suffix == ".py" for p in cache.rglob("*")), "no compiled code under TORCHINDUCTOR_CACHE_DIR"
+    one_process("sft", *common, "--out", tmp_path / "single", "--batch-size", 4)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
+    assert_same_weights(tmp_path / "fsdp", tmp_path / "single", rtol=1e-4, atol=1e-5)
     loads_in_plain_transformers(tmp_path / "fsdp")
 
 
