@@ -241,3 +241,23 @@ def test_resume_may_change_what_never_changes_the_computation_in_every_stage(tmp
         own = importlib.import_module(f"rlhfkit.stages.{name}").RESUME_MAY_CHANGE
         assert set(own) <= {f.name for f in dataclasses.fields(config_class)}, name
         assert not set(own) & set(training.RESUME_MAY_CHANGE), name
+
+
+def test_trainer_state_is_written_without_zip_checksums_and_reads_back(tmp_path):
+    """trainer.pt skips the zip's CRC-32s (torch.load never checks them); the global setting is
+    restored afterwards, also when the save fails, and the state reads back exactly."""
+    import zipfile
+
+    from torch.utils.serialization import config
+
+    state = {"optimizers": {"m": {"state": {0: {"exp_avg": torch.randn(1000)}}}}, "rng": {"x": torch.arange(3)}}
+    assert config.save.compute_crc32
+    training.save_trainer_state(state, tmp_path / "trainer.pt")
+    assert config.save.compute_crc32
+    back = torch.load(tmp_path / "trainer.pt", weights_only=True)
+    assert torch.equal(back["optimizers"]["m"]["state"][0]["exp_avg"], state["optimizers"]["m"]["state"][0]["exp_avg"])
+    with zipfile.ZipFile(tmp_path / "trainer.pt") as z:
+        assert {i.CRC for i in z.infolist() if i.file_size > 1000} == {0}  # no checksum computed for the tensors
+    with pytest.raises(TypeError, match="pickle"):
+        training.save_trainer_state({"g": (x for x in ())}, tmp_path / "bad.pt")  # a generator cannot be pickled
+    assert config.save.compute_crc32
