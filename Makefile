@@ -73,8 +73,8 @@ bench: $(TRL_VENV)/.installed
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --size small --steps 30 --batch-size 8 --rounds 3
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --pairs 128 --repeats 3 --grouped
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_ppo.py --size small --repeats 2
-	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --model smollm2 --steps 4 --batch-size 4 --max-length 256 \
-		--rounds 1 --dtypes float32 auto $(BENCH_SFT_BEST)
+	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_sft.py --model smollm2 --steps 8 --batch-size 4 --max-length 256 \
+		--rounds 3 --dtypes float32 auto $(BENCH_SFT_BEST)
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_rm.py --model smollm2 --pairs 48 --batch-size 8 --repeats 1 \
 		--grouped --dtypes float32 auto $(BENCH_RM_BEST)
 	OMP_NUM_THREADS=1 $(TRL_VENV)/bin/python bench/bench_ppo.py --model smollm2 --batch-size 8 --response-length 40 \
