@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import convert_model, example_prompts, machine  # noqa: E402
+from bench_common import clean_up_on_sigterm, convert_model, example_prompts, machine  # noqa: E402
 
 
 def run_rlhfkit(model_dir: Path, prompts_file: Path, out: Path, args: argparse.Namespace, dtype: str) -> dict:
@@ -80,6 +80,7 @@ def run_hf(model, tokenizer, prompt_ids: list[list[int]], stops: list[int], args
 
 
 def main() -> None:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="directory, .gguf, or smollm2 (default: the tiny test Llama)")
     parser.add_argument("--prompts", type=int, default=16)

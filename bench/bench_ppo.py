@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import convert_model, example_prompts, machine, overrides, trl_bf16  # noqa: E402
+from bench_common import clean_up_on_sigterm, convert_model, example_prompts, machine, overrides, trl_bf16  # noqa: E402
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads
@@ -249,6 +249,7 @@ def profile_both(args, policy_dir, rm_dir, prompts_file, prompts, work: Path, dt
 
 
 def main() -> None:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (all Llama, vocabulary 512)")
     parser.add_argument("--model", default="", help="a real model instead of --size: directory, .gguf, or smollm2")

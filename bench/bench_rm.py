@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import convert_model, machine, overrides, trl_bf16  # noqa: E402
+from bench_common import clean_up_on_sigterm, convert_model, machine, overrides, trl_bf16  # noqa: E402
 
 
 def need_trl() -> None:
@@ -169,6 +169,7 @@ def run_trl(model_dir: Path, token_pairs: list[dict], out: Path, args: argparse.
 
 
 def main() -> None:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="", help="a model (directory, .gguf, or smollm2; default: a Llama built in-process)")
     parser.add_argument("--hidden-size", type=int, default=256)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import convert_model, machine, overrides, trl_bf16  # noqa: E402
+from bench_common import clean_up_on_sigterm, convert_model, machine, overrides, trl_bf16  # noqa: E402
 
 SIZES = {
     # hidden, layers, heads, kv heads, intermediate, vocabulary rows
@@ -169,6 +169,7 @@ def run_trl(model_dir: Path, rows: list[dict[str, str]], out: Path, args: argpar
 
 
 def main() -> None:
+    clean_up_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="a Llama built from a config (random weights)")
     parser.add_argument("--model", help="a real model instead (directory, .gguf, or smollm2: SmolLM2-135M-Instruct)")
