@@ -876,10 +876,11 @@ def is_run_dir(out: Path) -> bool:
     return (out / "rlhfkit.json").is_file() or (out / CHECKPOINTS).is_dir() or (out / "metrics.jsonl").is_file()
 
 
-# `config.TrainConfig` options that never change what a run computes: --resume may give every training
-# stage other values for them (each stage adds its own, such as --max-steps)
+# options --resume may give other values in every training stage that has them (the rest must match):
+# `config.TrainConfig`'s that do not change what a step computes, and the epoch loop's of sft, train-rm,
+# dpo and ilql (how far the run goes, how often it evaluates and logs); a stage may add its own
 RESUME_MAY_CHANGE = ("save_every", "keep_checkpoints", "save_adapter", "device", "gradient_checkpointing", "cpu_offload",
-                     "compile")  # fmt: skip
+                     "compile", "max_steps", "epochs", "eval_every", "eval_batch_size", "log_every")  # fmt: skip
 
 
 def prepare_run_dir(

@@ -64,8 +64,6 @@ from rlhfkit.stages.preference_data import Group
 
 STAGE = "dpo"
 REFERENCE_FILE = "reference_logps.safetensors"  # in OUT/checkpoints/
-# options that may differ when a run is resumed besides training.RESUME_MAY_CHANGE (they do not change what is computed)
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batch_size", "log_every")
 
 
 class SequenceLogps(torch.nn.Module):
@@ -135,7 +133,7 @@ def _run(config: DPOConfig, device: torch.device, dtype: torch.dtype, dist: trai
 
     say = dist.say
     out = Path(config.out)
-    resume_from = training.prepare_run_dir(out, config.resume, STAGE, dataclasses.asdict(config), RESUME_MAY_CHANGE, dist)
+    resume_from = training.prepare_run_dir(out, config.resume, STAGE, dataclasses.asdict(config), dist=dist)
     training.barrier(dist)  # every rank has looked at --out before rank 0 writes into it
     info = RunInfo(STAGE, config, {"policy": config.policy, "data": config.data, "val_data": config.val_data or None})
     data_sha = info.inputs["data"][0]["sha256"] if info.inputs["data"] else None

@@ -55,7 +55,6 @@ from rlhfkit.provenance import RunInfo
 from rlhfkit.stages import preference_data
 
 STAGE = "ilql"
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batch_size", "log_every")  # besides training.RESUME_MAY_CHANGE
 Rewarded = tuple[tuple[int, ...], tuple[int, ...], float]  # (prompt ids, completion ids, reward)
 
 
@@ -186,7 +185,7 @@ def _run(config: ILQLConfig, device: torch.device, dtype: torch.dtype, dist: tra
 
     say = dist.say
     out = Path(config.out)
-    resume_from = training.prepare_run_dir(out, config.resume, STAGE, dataclasses.asdict(config), RESUME_MAY_CHANGE, dist)
+    resume_from = training.prepare_run_dir(out, config.resume, STAGE, dataclasses.asdict(config), dist=dist)
     training.barrier(dist)
     info = RunInfo(STAGE, config, {"policy": config.policy, "data": config.data, "val_data": config.val_data or None})
     data_sha = info.inputs["data"][0]["sha256"] if info.inputs["data"] else None

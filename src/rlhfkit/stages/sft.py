@@ -64,9 +64,6 @@ from rlhfkit.models import (
 )
 from rlhfkit.provenance import RunInfo, to_jsonable
 
-# options that may change between a run and its --resume besides training.RESUME_MAY_CHANGE (the rest must match)
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "log_every", "eval_batch_size")
-
 
 def run(config: SFTConfig) -> dict[str, Any] | None:
     """Train; return the result (rank 0; None on the other ranks of a torchrun job)."""
@@ -197,8 +194,7 @@ def _train(config: SFTConfig, device: torch.device, dist: training.Dist) -> dict
     say = dist.say  # rank 0 alone talks
     resolved = to_jsonable(config)
     # --batch-size is per process: a sharded checkpoint may continue on another number of processes with the same global batch
-    resume_from = training.prepare_run_dir(config.out, config.resume, "sft", resolved, RESUME_MAY_CHANGE, dist,
-                                           per_process=("batch_size",))  # fmt: skip
+    resume_from = training.prepare_run_dir(config.out, config.resume, "sft", resolved, dist=dist, per_process=("batch_size",))
     training.barrier(dist)  # every rank has looked at --out before rank 0 writes into it
     info = RunInfo("sft", config, {"model": config.model, "data": config.data, "val_data": config.val_data or None})
     training.seed_everything(config.seed)

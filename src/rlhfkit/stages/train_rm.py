@@ -86,8 +86,8 @@ from rlhfkit.stats import wilson_interval
 STAGE = "train-rm"
 BEST_FILE = "best.safetensors"  # OUT/checkpoints/: the weights of the lowest held-out loss (--early-stopping)
 TOO_FEW_TO_TELL = 0.3  # a held-out accuracy whose 95% interval is wider than this says little
-# options that may differ when a run is resumed besides training.RESUME_MAY_CHANGE (they do not change what is computed)
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batch_size", "log_every", "norm_samples")
+# an option --resume may change besides training.RESUME_MAY_CHANGE (it does not change what is computed)
+RESUME_MAY_CHANGE = ("norm_samples",)
 
 
 class RewardScorer(torch.nn.Module):
